@@ -1,0 +1,3 @@
+from timmserve.cli import main
+
+main()

@@ -1,0 +1,116 @@
+"""`timmserve serve | classify`.
+
+Known errors print one line and exit 1; set TIMMSERVE_DEBUG=1 for the traceback. torch and
+LitServe are imported inside the commands that need them, so `--help` and `classify` stay quick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from timmserve.client import DEFAULT_URL
+from timmserve.config import ACCELERATORS, HOSTS, LOG_LEVELS, PRECISIONS, ServeConfig, read_config_file
+from timmserve.errors import TimmServeError
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="timmserve")
+def cli() -> None:
+    """Serve timm image classifiers over HTTP, and measure how well they are served."""
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML file with settings named like these options (flags given here win).")
+@click.option("--model", help="timm model name (hub weights), or a timm model folder. Default: the built-in "
+              "tf_efficientnet_lite0 with ImageNet weights, offline.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+              help="Weights for --model: .safetensors, or .pth/.pt (loaded weights-only, never as a pickle).")
+@click.option("--random-weights", is_flag=True, help="Serve the architecture untrained: throughput studies only.")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path),
+              help="Class names, one per line (default: ImageNet names from timm).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=_DEFAULTS["precision"], show_default=True)
+@click.option("--channels-last/--no-channels-last", default=_DEFAULTS["channels_last"], show_default=True)
+@click.option("--accelerator", type=click.Choice(ACCELERATORS), default=_DEFAULTS["accelerator"], show_default=True)
+@click.option("--devices", type=int, help="Number of devices (default: all of the accelerator's).")
+@click.option("--workers-per-device", type=int, default=_DEFAULTS["workers_per_device"], show_default=True)
+@click.option("--api-servers", type=int, help="HTTP server processes (default: one per inference worker).")
+@click.option("--torch-threads", type=int, help="Threads per worker (default: cores ÷ workers).")
+@click.option("--decode-threads", type=int, default=_DEFAULTS["decode_threads"], show_default=True,
+              help="Threads decoding the images of a batch in parallel.")
+@click.option("--max-batch-size", type=int, default=_DEFAULTS["max_batch_size"], show_default=True,
+              help="Dynamic batching: most requests per model call (1 turns batching off).")
+@click.option("--batch-timeout", type=float, default=_DEFAULTS["batch_timeout"], show_default=True,
+              help="Seconds a batch waits to fill.")
+@click.option("--host", type=click.Choice(HOSTS), default=_DEFAULTS["host"], show_default=True)
+@click.option("--port", type=int, default=_DEFAULTS["port"], show_default=True)
+@click.option("--top-k", type=int, default=_DEFAULTS["top_k"], show_default=True,
+              help="Classes per answer unless a request asks otherwise.")
+@click.option("--max-body-bytes", type=int, default=_DEFAULTS["max_body_bytes"], show_default=True)
+@click.option("--max-image-pixels", type=int, default=_DEFAULTS["max_image_pixels"], show_default=True)
+@click.option("--timeout", type=float, default=_DEFAULTS["timeout"], show_default=True,
+              help="Seconds a request may wait in the queue before a 504.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default=_DEFAULTS["log_level"], show_default=True)
+@click.pass_context
+def serve(ctx: click.Context, config_file: Path | None, **options: Any) -> None:
+    """Serve a timm classifier: POST /predict, GET /health, GET /info."""
+    from timmserve.server import run_server  # heavy: torch, timm, litserve
+
+    run_server(_serve_config(ctx, config_file, options))
+
+
+def _serve_config(ctx: click.Context, config_file: Path | None, options: dict[str, Any]) -> ServeConfig:
+    """Defaults < config file < flags given on the command line."""
+    values = read_config_file(config_file) if config_file else {}
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    for name, value in options.items():
+        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT or name not in values:
+            values[name] = value
+    return ServeConfig.from_mapping(values)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--url", default=DEFAULT_URL, show_default=True, help="The server's base URL.")
+@click.option("--top-k", type=click.IntRange(min=1), help="Classes per image (default: the server's).")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image instead of a table.")
+def classify(images: tuple[Path, ...], url: str, top_k: int | None, timeout: float, as_json: bool) -> None:
+    """Classify image files with a running server."""
+    from timmserve.client import Client
+
+    with Client(url, timeout=timeout) as client:
+        for path in images:
+            predictions = client.classify(path, top_k=top_k)
+            if as_json:
+                rows = [dataclasses.asdict(p) for p in predictions]
+                click.echo(json.dumps({"image": str(path), "predictions": rows}))
+                continue
+            click.echo(str(path))
+            for prediction in predictions:
+                click.echo(f"  {prediction.probability:7.2%}  {prediction.label}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except TimmServeError as exc:
+        if os.environ.get("TIMMSERVE_DEBUG"):
+            raise
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)

@@ -1,0 +1,142 @@
+"""Every serving knob in one validated object, passed down from the CLI (or a config file).
+
+Precedence: command-line flag > config file (`--config FILE`, TOML) > the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from timmserve.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+Precision = Literal["fp32", "fp16", "bf16"]
+Accelerator = Literal["auto", "cpu", "cuda"]
+
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+ACCELERATORS: tuple[str, ...] = ("auto", "cpu", "cuda")
+LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
+# LitServe binds only these addresses (LitServer.run checks it).
+HOSTS: tuple[str, ...] = ("127.0.0.1", "0.0.0.0", "::")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    # --- model ---
+    # A timm model name (hub weights, e.g. "resnet18.a1_in1k"), a timm model folder
+    # (config.json + weights), or None for the built-in offline default.
+    model: str | None = None
+    # Local weights for `model` (.safetensors, or .pth/.pt loaded with weights_only=True).
+    checkpoint: Path | None = None
+    # Serve the architecture with random weights: throughput studies only, flagged everywhere.
+    random_weights: bool = False
+    # Class names, one per line, for fine-tuned models; count must equal the model's classes.
+    labels: Path | None = None
+    precision: Precision = "fp32"
+    # NHWC memory format: often faster for convnets on CPU (oneDNN) and on tensor cores.
+    channels_last: bool = False
+
+    # --- devices and workers ---
+    accelerator: Accelerator = "auto"
+    devices: int | None = None  # None: every device of the accelerator
+    workers_per_device: int = 1
+    api_servers: int | None = None  # uvicorn processes; None: one per inference worker
+    # Intra-op threads per worker; None: the machine's cores shared out between workers.
+    torch_threads: int | None = None
+    # Threads that decode and preprocess the images of one batch in parallel (PIL frees the GIL).
+    decode_threads: int = 2
+
+    # --- batching ---
+    max_batch_size: int = 8
+    batch_timeout: float = 0.005  # seconds a batch waits to fill
+
+    # --- HTTP ---
+    host: str = "127.0.0.1"
+    port: int = 8000
+    top_k: int = 5
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 64 * 1024 * 1024  # decompression-bomb guard, checked before decoding
+    timeout: float = 30.0  # seconds a request may wait in the queue before a 504
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}")
+        _check(self.accelerator in ACCELERATORS, f"accelerator must be one of {', '.join(ACCELERATORS)}")
+        _check(self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}")
+        _check(self.host in HOSTS, f"host must be one of {', '.join(HOSTS)} (LitServe binds only these)")
+        _check(1024 <= self.port <= 65535, "port must be between 1024 and 65535")
+        _check(self.max_batch_size >= 1, "max batch size must be at least 1")
+        _check(0 <= self.batch_timeout <= 10, "batch timeout must be between 0 and 10 seconds")
+        _check(self.workers_per_device >= 1, "workers per device must be at least 1")
+        _check(self.devices is None or self.devices >= 1, "devices must be at least 1")
+        _check(self.api_servers is None or self.api_servers >= 1, "api servers must be at least 1")
+        _check(self.torch_threads is None or self.torch_threads >= 1, "torch threads must be at least 1")
+        _check(self.decode_threads >= 1, "decode threads must be at least 1")
+        _check(self.top_k >= 1, "top-k must be at least 1")
+        _check(self.max_body_bytes >= 1024, "max body bytes must be at least 1024")
+        _check(self.max_image_pixels >= 1, "max image pixels must be at least 1")
+        _check(self.timeout > 0, "timeout must be positive")
+        _check(
+            self.checkpoint is None or self.model is not None,
+            "--checkpoint needs the architecture it belongs to: --model ARCH --checkpoint FILE",
+        )
+        _check(
+            not (self.checkpoint is not None and self.random_weights),
+            "--checkpoint and --random-weights contradict each other",
+        )
+        _check(
+            not (self.precision == "fp16" and self.accelerator == "cpu"),
+            "fp16 needs a CUDA device; on CPU use --precision bf16 or fp32",
+        )
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> ServeConfig:
+        """Build from a mapping with the field names (dashes allowed); unknown keys are an error."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown setting {key!r}; known: {', '.join(sorted(known))}")
+            if name in ("checkpoint", "labels") and value is not None:
+                value = Path(value)
+            kwargs[name] = value
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # a value of the wrong type reached a comparison
+            raise ConfigError(f"invalid setting: {exc}") from None
+
+    def torch_threads_per_worker(self, workers: int) -> int:
+        """Threads for one worker's torch ops: explicit, or the cores shared out between workers."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 1) // workers)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready view (for /info and results files)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Settings from a TOML file: top-level keys named like ServeConfig fields."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)

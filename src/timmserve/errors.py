@@ -1,0 +1,63 @@
+"""timmserve's exceptions, in one small tree.
+
+    TimmServeError                  anything timmserve raises on purpose
+    ├── ConfigError                 a setting is invalid (CLI: one line, exit 1)
+    ├── ModelLoadError              the model, its weights or its labels cannot be loaded
+    ├── ClientError                 the client got no answer, or a non-200 answer, from a server
+    └── RequestError                one request is bad; carries the HTTP status it maps to
+        ├── InvalidRequestError     400: malformed body, missing field, bad top_k
+        ├── InvalidImageError       400: the bytes are not a decodable image
+        ├── PayloadTooLargeError    413: body or pixel count over the limit
+        └── UnsupportedMediaError   415: content type or image format not accepted
+
+A RequestError raised while handling one item of a batch is returned as a value for that item,
+never raised across the batch, so one bad image costs only its own request.
+"""
+
+from __future__ import annotations
+
+
+class TimmServeError(Exception):
+    """Base class for every error timmserve raises on purpose."""
+
+
+class ConfigError(TimmServeError):
+    """A setting is invalid or settings contradict each other."""
+
+
+class ModelLoadError(TimmServeError):
+    """The model, its weights or its labels cannot be loaded."""
+
+
+class ClientError(TimmServeError):
+    """A request to a timmserve server failed; `status_code` is None when no answer came."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class RequestError(TimmServeError):
+    """One request is bad. `detail` says what was wrong, in words meant for the client."""
+
+    status_code = 400
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidRequestError(RequestError):
+    status_code = 400
+
+
+class InvalidImageError(RequestError):
+    status_code = 400
+
+
+class PayloadTooLargeError(RequestError):
+    status_code = 413
+
+
+class UnsupportedMediaError(RequestError):
+    status_code = 415

@@ -1,0 +1,149 @@
+"""What travels through `POST /predict`: bodies → ImageRequest (in the API server process), and
+the Prediction rows that come back.
+
+Three body forms are accepted (DESIGN.md, HTTP contract):
+- `application/json`: `{"image": "<base64 of an image file>", "top_k": 5}` (top_k optional);
+- `image/*` or `application/octet-stream`: the image file itself; `?top_k=` in the query;
+- `multipart/form-data`: a file field `image`, and an optional field (or query) `top_k`.
+
+Only the encoded bytes travel on to the inference workers: base64 is undone here, and the image is
+decoded there, where a bad one fails only its own request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from timmserve.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaError
+
+ACCEPTED_CONTENT_TYPES = "application/json, image/*, application/octet-stream or multipart/form-data"
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to classify: the encoded file bytes and how many classes to return."""
+
+    data: bytes
+    top_k: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One row of an answer: `{"label": …, "probability": …}`."""
+
+    label: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class PayloadLimits:
+    max_body_bytes: int
+    num_classes: int  # top_k may not exceed it
+    default_top_k: int
+
+
+async def parse_predict_request(request: Request, limits: PayloadLimits) -> ImageRequest:
+    """Read and check one /predict request; raises a RequestError subclass that names the problem."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        body = await read_body(request, limits.max_body_bytes)
+        return _from_json(body, limits)
+    if media_type.startswith("image/") or media_type == "application/octet-stream":
+        body = await read_body(request, limits.max_body_bytes)
+        return ImageRequest(_nonempty(body), _top_k(request.query_params.get("top_k"), limits))
+    if media_type == "multipart/form-data":
+        body = await read_body(request, limits.max_body_bytes)
+        return await _from_multipart(request, body, limits)
+    shown = media_type or "none"
+    raise UnsupportedMediaError(f"content type {shown!r} is not accepted; send {ACCEPTED_CONTENT_TYPES}")
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refusing (413) as soon as it is known to exceed `max_bytes`."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLargeError(f"the body is {int(declared):,} bytes; the limit is {max_bytes:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLargeError(f"the body is over the limit of {max_bytes:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _from_json(body: bytes, limits: PayloadLimits) -> ImageRequest:
+    if not body:
+        raise InvalidRequestError('the body is empty; send {"image": "<base64 of an image file>"}')
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise InvalidRequestError("the body is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise InvalidRequestError('the JSON body must be an object: {"image": "<base64 of an image file>"}')
+    if "image" not in document:
+        raise InvalidRequestError('the JSON body has no "image" field (base64 of an image file)')
+    encoded = document["image"]
+    if not isinstance(encoded, str):
+        raise InvalidRequestError(f'"image" must be a base64 string, not {_json_type(encoded)}')
+    return ImageRequest(_decode_base64(encoded), _top_k(document.get("top_k"), limits))
+
+
+async def _from_multipart(request: Request, body: bytes, limits: PayloadLimits) -> ImageRequest:
+    async def replay_body() -> dict[str, Any]:  # the body was already read (with its size limit)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay_body).form(max_files=1, max_fields=10)
+    except Exception as exc:  # python-multipart's parse errors, starlette's limit errors
+        raise InvalidRequestError(f"the multipart body cannot be parsed ({exc})") from None
+    try:
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequestError('the multipart body has no file field "image"')
+        data = await upload.read()
+        top_k = form.get("top_k", request.query_params.get("top_k"))
+        return ImageRequest(_nonempty(data), _top_k(top_k if isinstance(top_k, str) else None, limits))
+    finally:
+        await form.close()
+
+
+def _decode_base64(encoded: str) -> bytes:
+    # Accept data URLs ("data:image/png;base64,…") as browsers produce them.
+    if encoded.startswith("data:") and "," in encoded:
+        encoded = encoded.split(",", 1)[1]
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError('"image" is not valid base64') from None
+    return _nonempty(data)
+
+
+def _nonempty(data: bytes) -> bytes:
+    if not data:
+        raise InvalidRequestError("the image is empty (0 bytes)")
+    return data
+
+
+def _top_k(value: Any, limits: PayloadLimits) -> int:
+    """top_k from JSON (int) or a query/form field (str); absent means the server's default."""
+    if value is None:
+        return min(limits.default_top_k, limits.num_classes)
+    if isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limits.num_classes:
+        raise InvalidRequestError(f"top_k must be an integer from 1 to {limits.num_classes}, got {value!r}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", bool: "a boolean", type(None): "null"}.get(
+        type(value), f"a {type(value).__name__}"
+    )

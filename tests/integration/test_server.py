@@ -1,0 +1,179 @@
+"""A real `timmserve serve` on 127.0.0.1, spoken to over real HTTP, with real photos."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.conftest import CAT_LABELS, DATA
+
+# Batching on with a long wait, so concurrent requests share one batch.
+BATCHED = ("--max-batch-size", "8", "--batch-timeout", "0.25", "--decode-threads", "2")
+UNBATCHED = ("--max-batch-size", "1")
+
+
+@pytest.fixture(scope="module")
+def batched_server(start_server):
+    return start_server(*BATCHED)
+
+
+@pytest.fixture(scope="module", params=["batched", "unbatched"])
+def server(request, start_server, batched_server):
+    """The HTTP contract holds with batching on and off."""
+    return batched_server if request.param == "batched" else start_server(*UNBATCHED)
+
+
+def predict_raw(url: str, data: bytes, **params) -> httpx.Response:
+    return httpx.post(f"{url}/predict", content=data, params=params,
+                      headers={"Content-Type": "application/octet-stream"}, timeout=60)
+
+
+def top1(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"][0]["label"]
+
+
+def test_built_in_model_classifies_real_photos(server, photos):
+    assert top1(predict_raw(server.url, photos["cat"])) in CAT_LABELS
+    assert top1(predict_raw(server.url, photos["espresso"])) == "espresso"
+    rocket = [p["label"] for p in predict_raw(server.url, photos["rocket"]).json()["predictions"][:2]]
+    assert {"missile", "projectile, missile"} & set(rocket)
+
+
+def test_json_body_is_the_litserve_contract(server, photos):
+    body = {"image": base64.b64encode(photos["espresso"]).decode()}
+    response = httpx.post(f"{server.url}/predict", json=body, timeout=60)
+    predictions = response.json()["predictions"]
+    assert response.status_code == 200
+    assert predictions[0]["label"] == "espresso"
+    assert len(predictions) == 5  # the server's default top-k
+    probabilities = [p["probability"] for p in predictions]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert 0 < sum(probabilities) <= 1.0 + 1e-6
+
+
+def test_multipart_body(server, photos):
+    files = {"image": ("cat.jpg", photos["cat"], "image/jpeg")}
+    response = httpx.post(f"{server.url}/predict", files=files, data={"top_k": "3"}, timeout=60)
+    assert len(response.json()["predictions"]) == 3
+    assert top1(response) in CAT_LABELS
+
+
+def test_raw_image_body_with_top_k(server, photos):
+    response = httpx.post(f"{server.url}/predict?top_k=2", content=photos["espresso"],
+                          headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert [p["label"] for p in response.json()["predictions"]][0] == "espresso"
+    assert len(response.json()["predictions"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "words"),
+    [
+        ({"content": b"not an image at all", "headers": {"Content-Type": "image/jpeg"}}, 400, "not an image"),
+        ({"content": b"{oops", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+        ({"json": {"picture": "x"}}, 400, '"image"'),
+        ({"json": {"image": "***"}}, 400, "base64"),
+        ({"json": {"image": 5}}, 400, "base64 string"),
+        ({"content": b"x=1", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 415, "not accepted"),
+        ({"content": b"", "headers": {"Content-Type": "application/octet-stream"}}, 400, "empty"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(server, kwargs, status, words):
+    response = httpx.post(f"{server.url}/predict", timeout=60, **kwargs)
+    assert response.status_code == status
+    assert words in response.json()["detail"]
+
+
+def test_bad_top_k_and_truncated_image(server, photos):
+    response = predict_raw(server.url, photos["cat"], top_k=0)
+    assert response.status_code == 400 and "top_k" in response.json()["detail"]
+    response = predict_raw(server.url, photos["cat"][: len(photos["cat"]) // 3])
+    assert response.status_code == 400 and "truncated" in response.json()["detail"]
+
+
+def test_body_over_the_limit_is_413(start_server, batched_server):
+    too_big = b"\xff" * (20 * 1024 * 1024 + 1)
+    response = predict_raw(batched_server.url, too_big)
+    assert response.status_code == 413
+    assert "limit" in response.json()["detail"]
+
+
+def test_one_garbage_image_in_a_batch_fails_only_itself(batched_server, photos):
+    bodies = [photos["cat"], photos["espresso"], photos["rocket"], photos["grace_hopper"]] * 2
+    bodies[5] = b"\x89PNG\r\n\x1a\n but not really"
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda body: predict_raw(batched_server.url, body), bodies))
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(200) == 7 and statuses[5] == 400, statuses
+    assert top1(responses[0]) in CAT_LABELS and top1(responses[1]) == "espresso"
+
+
+def test_predictions_alone_equal_predictions_in_a_batch(batched_server, photos):
+    names = ["cat", "espresso", "rocket", "grace_hopper"]
+    alone = {name: predict_raw(batched_server.url, photos[name]).json()["predictions"] for name in names}
+    with ThreadPoolExecutor(len(names)) as pool:
+        together = dict(zip(names, pool.map(lambda n: predict_raw(batched_server.url, photos[n]).json(), names)))
+    for name in names:
+        batched = together[name]["predictions"]
+        assert [p["label"] for p in batched] == [p["label"] for p in alone[name]]
+        for a, b in zip(alone[name], batched):
+            assert b["probability"] == pytest.approx(a["probability"], abs=1e-5)
+
+
+def test_health_and_info(batched_server):
+    assert httpx.get(f"{batched_server.url}/health").status_code == 200
+    info = httpx.get(f"{batched_server.url}/info").json()["model"]
+    assert info["architecture"] == "tf_efficientnet_lite0"
+    assert info["weights"].startswith("builtin:")
+    assert info["random_weights"] is False
+    assert info["labels"] == info["num_classes"] == 1000
+    assert info["data_config"]["mean"] == [0.5, 0.5, 0.5]
+    assert info["config"]["max_batch_size"] == 8
+
+
+def test_classify_cli_end_to_end(batched_server):
+    result = subprocess.run(
+        [sys.executable, "-m", "timmserve", "classify", str(DATA / "cat.jpg"), str(DATA / "espresso.jpg"),
+         "--url", batched_server.url, "--top-k", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith("cat.jpg")
+    assert lines[1].split("%", 1)[1].strip() in CAT_LABELS
+    assert lines[3].endswith("espresso.jpg") and lines[4].endswith("espresso")
+    assert len(lines) == 6
+
+
+def test_random_weights_are_flagged_everywhere(start_server, photos):
+    server = start_server("--model", "test_efficientnet", "--random-weights", "--max-batch-size", "4")
+    response = predict_raw(server.url, photos["cat"])
+    assert response.status_code == 200
+    assert "throughput studies only" in response.headers["X-Timmserve-Random-Weights"]
+    info = httpx.get(f"{server.url}/info").json()["model"]
+    assert info["random_weights"] is True and info["weights"] == "random"
+    assert info["input_size"] == [3, 160, 160]  # the test model's own data config, not a constant
+    bad = predict_raw(server.url, b"garbage")
+    assert bad.status_code == 400 and "throughput studies only" in bad.headers["X-Timmserve-Random-Weights"]
+
+
+def test_sigint_stops_every_process_and_frees_the_port(start_server):
+    server = start_server("--model", "test_efficientnet", "--random-weights", "--max-batch-size", "1")
+    assert server.stop() == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/health", timeout=2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the resource tracker may take a moment
+        try:
+            os.killpg(server.process.pid, 0)  # any process left in the server's own session?
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    pytest.fail("a process of the stopped server is still alive")

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from timmserve.config import ServeConfig, read_config_file
+from timmserve.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"max_batch_size": 0}, "max batch size"),
+        ({"precision": "fp8"}, "precision must be one of"),
+        ({"port": 80}, "port must be between"),
+        ({"host": "10.0.0.1"}, "host must be one of"),
+        ({"checkpoint": Path("w.safetensors")}, "--model ARCH --checkpoint FILE"),
+        ({"model": "resnet18", "checkpoint": Path("w.pth"), "random_weights": True}, "contradict"),
+        ({"precision": "fp16", "accelerator": "cpu"}, "fp16 needs a CUDA device"),
+        ({"batch_timeout": -1}, "batch timeout"),
+    ],
+)
+def test_invalid_settings_are_one_clear_error(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        ServeConfig(**kwargs)
+
+
+def test_from_mapping_accepts_dashes_and_rejects_unknown_keys():
+    config = ServeConfig.from_mapping({"max-batch-size": 16, "labels": "l.txt"})
+    assert config.max_batch_size == 16 and config.labels == Path("l.txt")
+    with pytest.raises(ConfigError, match="unknown setting 'max_bach_size'"):
+        ServeConfig.from_mapping({"max_bach_size": 16})
+    with pytest.raises(ConfigError, match="invalid setting"):
+        ServeConfig.from_mapping({"max_batch_size": "lots"})
+
+
+def test_threads_are_shared_between_workers(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert ServeConfig().torch_threads_per_worker(2) == 4
+    assert ServeConfig().torch_threads_per_worker(16) == 1
+    assert ServeConfig(torch_threads=3).torch_threads_per_worker(2) == 3
+
+
+def test_config_file_is_toml(tmp_path):
+    path = tmp_path / "serve.toml"
+    path.write_text('max_batch_size = 32\nprecision = "bf16"\n')
+    assert read_config_file(path) == {"max_batch_size": 32, "precision": "bf16"}
+    path.write_text("max_batch_size = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        read_config_file(path)
