@@ -12,7 +12,7 @@ else
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install serve classify test clean
+.PHONY: install serve classify bench bench-quick test clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ serve: install  ## the built-in model on http://127.0.0.1:$(PORT)
 
 classify: install  ## classify the test photos with a running server
 	$(BIN)/timmserve classify tests/data/*.jpg --url http://127.0.0.1:$(PORT)
+
+bench: install  ## the full ladder on the built-in model (about 15 minutes on 2 cores)
+	$(BIN)/timmserve bench --out results $(ARGS)
+
+bench-quick: install  ## baseline vs best, short timings (about 3 minutes)
+	$(BIN)/timmserve bench --quick --out results $(ARGS)
 
 test: install
 	$(BIN)/pytest -q

@@ -19,20 +19,17 @@ from typing import Any
 
 import litserve as ls
 import torch
-from fastapi import HTTPException
 from litserve.server import RegularRequestHandler
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from timmserve.classifier import Classifier, Result
+from timmserve.classifier import Classifier, Result, build_classifier
 from timmserve.config import ServeConfig
 from timmserve.errors import RequestError
-from timmserve.labels import load_labels
-from timmserve.model import ModelInfo, check_precision_supported, load_model, prepare_for_inference
+from timmserve.model import ModelInfo
 from timmserve.payload import ImageRequest, PayloadLimits, parse_predict_request
-from timmserve.preprocess import Preprocessor
 
 logger = logging.getLogger(__name__)
 
@@ -105,25 +102,11 @@ class ClassifierAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         config = self.config
-        torch_device = torch.device(device)
-        check_precision_supported(torch_device, config.precision)
         # CPU workers share the cores; GPU workers barely use intra-op threads, so one rule serves both.
         torch.set_num_threads(config.torch_threads_per_worker(config.workers_per_device))
-        loaded = load_model(config)
-        if loaded.info.num_classes != len(self.labels):  # the main process checked the same model
-            raise RuntimeError(f"worker model has {loaded.info.num_classes} classes, labels {len(self.labels)}")
-        model = prepare_for_inference(loaded.model, torch_device, config.channels_last)
-        self.classifier = Classifier(
-            model,
-            Preprocessor(loaded.info.data_config, max_pixels=config.max_image_pixels),
-            self.labels,
-            device=torch_device,
-            precision=config.precision,
-            channels_last=config.channels_last,
-            decode_threads=config.decode_threads,
-        )
+        self.classifier, info = build_classifier(config, self.labels, torch.device(device))
         self.classifier.warm_up(sorted({1, config.max_batch_size}))
-        logger.info("worker ready on %s: %s (%s)", device, loaded.info.name, loaded.info.weights)
+        logger.info("worker ready on %s: %s (%s)", device, info.name, info.weights)
 
     def decode_request(self, request: ImageRequest) -> ImageRequest:
         return request  # parsed in the API process; decoded per item inside `predict`
@@ -143,4 +126,3 @@ class ClassifierAPI(ls.LitAPI):
         if isinstance(output, RequestError):
             return output  # PredictSpec answers it with its own status code
         return {"predictions": [{"label": p.label, "probability": p.probability} for p in output]}
-

@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from timmserve.errors import RequestError
-from timmserve.model import autocast
+from timmserve.config import ServeConfig
+from timmserve.errors import ModelLoadError, RequestError
+from timmserve.model import ModelInfo, autocast, check_precision_supported, load_model, prepare_for_inference
 from timmserve.payload import ImageRequest, Prediction
 from timmserve.preprocess import Preprocessor
-
 
 Result = list[Prediction] | RequestError
 
@@ -41,7 +41,9 @@ class Classifier:
         self.device = device
         self.precision = precision
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self._decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads > 1 else None
+        self._decode_pool = (
+            ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads > 1 else None
+        )
 
     def classify(self, requests: Sequence[ImageRequest]) -> list[Result]:
         """One result per request, in order."""
@@ -88,3 +90,22 @@ class Classifier:
         if self._decode_pool is None or len(items) < 2:
             return map(fn, items)
         return self._decode_pool.map(fn, items)
+
+
+def build_classifier(config: ServeConfig, labels: Sequence[str], device: torch.device) -> tuple[Classifier, ModelInfo]:
+    """The configured model on `device`, ready to classify: what each server worker runs, and what
+    the benchmark's ceilings measure."""
+    check_precision_supported(device, config.precision)
+    loaded = load_model(config)
+    if loaded.info.num_classes != len(labels):
+        raise ModelLoadError(f"the model has {loaded.info.num_classes} classes but {len(labels)} labels were given")
+    classifier = Classifier(
+        prepare_for_inference(loaded.model, device, config.channels_last),
+        Preprocessor(loaded.info.data_config, max_pixels=config.max_image_pixels),
+        labels,
+        device=device,
+        precision=config.precision,
+        channels_last=config.channels_last,
+        decode_threads=config.decode_threads,
+    )
+    return classifier, loaded.info

@@ -17,8 +17,17 @@ import click
 from click.core import ParameterSource
 
 from timmserve.client import DEFAULT_URL
-from timmserve.config import ACCELERATORS, HOSTS, LOG_LEVELS, PRECISIONS, ServeConfig, read_config_file
-from timmserve.errors import TimmServeError
+from timmserve.config import (
+    ACCELERATORS,
+    HOSTS,
+    LADDER,
+    LOG_LEVELS,
+    PRECISIONS,
+    BenchConfig,
+    ServeConfig,
+    read_config_file,
+)
+from timmserve.errors import ConfigError, TimmServeError
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
 
@@ -30,36 +39,74 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="TOML file with settings named like these options (flags given here win).")
-@click.option("--model", help="timm model name (hub weights), or a timm model folder. Default: the built-in "
-              "tf_efficientnet_lite0 with ImageNet weights, offline.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
-              help="Weights for --model: .safetensors, or .pth/.pt (loaded weights-only, never as a pickle).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TOML file with settings named like these options (flags given here win).",
+)
+@click.option(
+    "--model",
+    help="timm model name (hub weights), or a timm model folder. Default: the built-in "
+    "tf_efficientnet_lite0 with ImageNet weights, offline.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Weights for --model: .safetensors, or .pth/.pt (loaded weights-only, never as a pickle).",
+)
 @click.option("--random-weights", is_flag=True, help="Serve the architecture untrained: throughput studies only.")
-@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path),
-              help="Class names, one per line (default: ImageNet names from timm).")
+@click.option(
+    "--labels",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Class names, one per line (default: ImageNet names from timm).",
+)
 @click.option("--precision", type=click.Choice(PRECISIONS), default=_DEFAULTS["precision"], show_default=True)
-@click.option("--channels-last/--no-channels-last", default=_DEFAULTS["channels_last"], show_default=True)
+@click.option("--channels-last", is_flag=True, help="NHWC memory format for the model and its inputs.")
 @click.option("--accelerator", type=click.Choice(ACCELERATORS), default=_DEFAULTS["accelerator"], show_default=True)
 @click.option("--devices", type=int, help="Number of devices (default: all of the accelerator's).")
 @click.option("--workers-per-device", type=int, default=_DEFAULTS["workers_per_device"], show_default=True)
 @click.option("--api-servers", type=int, help="HTTP server processes (default: one per inference worker).")
 @click.option("--torch-threads", type=int, help="Threads per worker (default: cores ÷ workers).")
-@click.option("--decode-threads", type=int, default=_DEFAULTS["decode_threads"], show_default=True,
-              help="Threads decoding the images of a batch in parallel.")
-@click.option("--max-batch-size", type=int, default=_DEFAULTS["max_batch_size"], show_default=True,
-              help="Dynamic batching: most requests per model call (1 turns batching off).")
-@click.option("--batch-timeout", type=float, default=_DEFAULTS["batch_timeout"], show_default=True,
-              help="Seconds a batch waits to fill.")
+@click.option(
+    "--decode-threads",
+    type=int,
+    default=_DEFAULTS["decode_threads"],
+    show_default=True,
+    help="Threads decoding the images of a batch in parallel.",
+)
+@click.option(
+    "--max-batch-size",
+    type=int,
+    default=_DEFAULTS["max_batch_size"],
+    show_default=True,
+    help="Dynamic batching: most requests per model call (1 turns batching off).",
+)
+@click.option(
+    "--batch-timeout",
+    type=float,
+    default=_DEFAULTS["batch_timeout"],
+    show_default=True,
+    help="Seconds a batch waits to fill.",
+)
 @click.option("--host", type=click.Choice(HOSTS), default=_DEFAULTS["host"], show_default=True)
 @click.option("--port", type=int, default=_DEFAULTS["port"], show_default=True)
-@click.option("--top-k", type=int, default=_DEFAULTS["top_k"], show_default=True,
-              help="Classes per answer unless a request asks otherwise.")
+@click.option(
+    "--top-k",
+    type=int,
+    default=_DEFAULTS["top_k"],
+    show_default=True,
+    help="Classes per answer unless a request asks otherwise.",
+)
 @click.option("--max-body-bytes", type=int, default=_DEFAULTS["max_body_bytes"], show_default=True)
 @click.option("--max-image-pixels", type=int, default=_DEFAULTS["max_image_pixels"], show_default=True)
-@click.option("--timeout", type=float, default=_DEFAULTS["timeout"], show_default=True,
-              help="Seconds a request may wait in the queue before a 504.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=_DEFAULTS["timeout"],
+    show_default=True,
+    help="Seconds a request may wait in the queue before a 504.",
+)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default=_DEFAULTS["log_level"], show_default=True)
 @click.pass_context
 def serve(ctx: click.Context, config_file: Path | None, **options: Any) -> None:
@@ -99,6 +146,135 @@ def classify(images: tuple[Path, ...], url: str, top_k: int | None, timeout: flo
             click.echo(str(path))
             for prediction in predictions:
                 click.echo(f"  {prediction.probability:7.2%}  {prediction.label}")
+
+
+def _numbers(kind: type) -> Any:
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple | None:
+        if value is None:
+            return None
+        try:
+            return tuple(kind(part) for part in value.split(",") if part.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+    return parse
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TOML: bench settings at the top, [serve] knobs for every rung, [rungs.NAME] knobs per rung.",
+)
+@click.option("--model", help="As for serve (default: the built-in model).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="As for serve.")
+@click.option("--random-weights", is_flag=True, help="As for serve: throughput studies only.")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), help="As for serve.")
+@click.option("--concurrency", callback=_numbers(int), help="Closed-loop levels.  [default: 1,8,32,64]")
+@click.option("--rate", "rates", callback=_numbers(float), help="Open-loop levels, req/s with Poisson arrivals.")
+@click.option("--duration", type=float, help="Seconds measured per level.  [default: 4]")
+@click.option("--warmup", type=float, help="Seconds of warm-up load before each level.  [default: 1]")
+@click.option("--ceiling-duration", type=float, help="Seconds per batch size for each ceiling.  [default: 0.5]")
+@click.option(
+    "--ladder",
+    callback=lambda c, p, v: tuple(v.split(",")) if v else None,
+    help=f"Rungs to compare, in order.  [default: {','.join(LADDER)}]",
+)
+@click.option("--rounds", type=int, help="ABBA rounds over the ladder.  [default: 2]")
+@click.option(
+    "--image",
+    "images",
+    type=click.Path(exists=True, path_type=Path),
+    help="A photo, or a folder of photos the load cycles through (default: a cat photo).",
+)
+@click.option(
+    "--set",
+    "knobs",
+    multiple=True,
+    metavar="KNOB=VALUE",
+    help="A serve setting for every rung, e.g. --set torch_threads=1 (repeatable).",
+)
+@click.option("--client-processes", type=int, help="Load-generator processes.  [default: 1]")
+@click.option("--url", help="Measure this running server instead (no ladder; ceilings only with --model).")
+@click.option("--quick", is_flag=True, help="baseline vs best, c=1,8, short timings: about two minutes.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True)
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.pass_context
+def bench(ctx: click.Context, config_file: Path | None, knobs: tuple[str, ...], quick: bool, no_progress: bool,
+          **options: Any) -> None:  # fmt: skip
+    """Measure ceilings and served throughput for a ladder of configurations; write results.json,
+    results.md and plots to --out."""
+    from timmserve.bench.ladder import run_bench  # heavy: torch, timm
+    from timmserve.bench.report import render, write_results
+    from timmserve.server import stop_on_signals
+
+    stop_on_signals()  # an interrupted bench still stops the server it started
+
+    config = _bench_config(ctx, config_file, knobs, quick, options)
+    results = run_bench(config, progress=not no_progress, log=lambda line: click.echo(line, err=True))
+    path = write_results(results, config.out)
+    written = render(path)
+    click.echo(f"wrote {path} and {', '.join(str(p) for p in written)}")
+
+
+_SERVE_KEYS = ("model", "checkpoint", "random_weights", "labels")
+
+
+def _bench_config(
+    ctx: click.Context, config_file: Path | None, knobs: tuple[str, ...], quick: bool, options: dict[str, Any]
+) -> BenchConfig:
+    """Defaults (or --quick's) < config file < flags; model flags and --set go to every rung's server."""
+    values = {
+        key.replace("-", "_"): value for key, value in (read_config_file(config_file) if config_file else {}).items()
+    }
+    serve = dict(values.pop("serve", {}))
+    rungs = values.pop("rungs", {})
+    for name, value in options.items():
+        given = ctx.get_parameter_source(name) is not ParameterSource.DEFAULT or name == "out"
+        if not given or value is None:
+            continue
+        if name in _SERVE_KEYS:
+            serve[name] = value
+        else:
+            values[name] = value
+    serve.update(_parse_knob(knob) for knob in knobs)
+    for key in ("concurrency", "rates", "ladder", "ceiling_batch_sizes"):
+        if key in values:
+            values[key] = tuple(values[key])
+    if "images" in values:
+        values["images"] = Path(values["images"])
+    values["out"] = Path(values.get("out", "results"))
+    try:
+        settings = {**values, "serve": ServeConfig.from_mapping(serve), "rung_overrides": rungs}
+        return BenchConfig.quick(**settings) if quick else BenchConfig(**settings)
+    except TypeError as exc:
+        raise ConfigError(f"invalid bench setting: {exc}") from None
+
+
+def _parse_knob(knob: str) -> tuple[str, Any]:
+    name, sep, text = knob.partition("=")
+    if not sep or not name:
+        raise ConfigError(f"--set takes KNOB=VALUE, got {knob!r}")
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]  # 1 → int, 0.5 → float, true → bool
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: a string
+    return name.replace("-", "_"), value
+
+
+@cli.command()
+@click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def report(results: Path) -> None:
+    """Re-render results.md and the plots from a results.json."""
+    from timmserve.bench.report import render
+
+    for path in render(results):
+        click.echo(f"wrote {path}")
 
 
 def main() -> None:

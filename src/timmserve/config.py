@@ -121,9 +121,74 @@ class ServeConfig:
             return self.torch_threads
         return max(1, (os.cpu_count() or 1) // workers)
 
+    def to_cli_args(self) -> list[str]:
+        """`timmserve serve` flags that reproduce this config (unset and false values left out)."""
+        args: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if value is None or value is False:
+                continue
+            args += [flag] if value is True else [flag, str(value)]
+        return args
+
+    def replace(self, **changes: Any) -> ServeConfig:
+        """A copy with some settings changed, validated again."""
+        return ServeConfig.from_mapping({**dataclasses.asdict(self), **changes})
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready view (for /info and results files)."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+LADDER: tuple[str, ...] = ("baseline", "batching", "workers", "precision", "decode", "best")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    # The model and any knobs shared by every rung; each rung then sets its own knobs on top.
+    serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
+    ladder: tuple[str, ...] = LADDER
+    rounds: int = 2  # ABBA: odd rounds run the ladder forward, even rounds backward
+    concurrency: tuple[int, ...] = (1, 8, 32, 64)  # closed-loop levels
+    rates: tuple[float, ...] = ()  # open-loop levels (req/s, Poisson arrivals); none by default
+    duration: float = 4.0  # seconds measured per level
+    warmup: float = 1.0  # seconds of the same load right before each level, not counted
+    ceiling_duration: float = 0.5  # seconds per batch size for each ceiling measurement
+    ceiling_batch_sizes: tuple[int, ...] = (1, 8, 32, 64)  # capped by each rung's max batch size
+    images: Path | None = None  # a photo or a folder of photos (cycled); default: the cat photo
+    out: Path = Path("results")
+    url: str | None = None  # measure this running server instead of starting a ladder
+    client_processes: int = 1  # load-generator processes (when one cannot drive the server)
+    request_timeout: float = 120.0  # client-side, per request
+    # Rung knobs from a config file's [rungs.NAME] tables: override a built-in rung or add one.
+    rung_overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(len(self.ladder) >= 1, "the ladder needs at least one rung")
+        _check(len(set(self.ladder)) == len(self.ladder), "a rung is named twice in the ladder")
+        _check(self.rounds >= 1, "rounds must be at least 1")
+        _check(bool(self.concurrency) or bool(self.rates), "give at least one concurrency or rate")
+        _check(all(c >= 1 for c in self.concurrency), "concurrency levels must be at least 1")
+        _check(all(r > 0 for r in self.rates), "open-loop rates must be positive")
+        _check(self.duration > 0 and self.warmup >= 0, "duration must be positive, warm-up not negative")
+        _check(self.ceiling_duration > 0, "ceiling duration must be positive")
+        _check(all(b >= 1 for b in self.ceiling_batch_sizes), "ceiling batch sizes must be at least 1")
+        _check(self.client_processes >= 1, "client processes must be at least 1")
+        _check(self.images is None or self.images.exists(), f"no image or folder at {self.images}")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> BenchConfig:
+        """A run of about two minutes: baseline against best, two levels, short timings."""
+        settings: dict[str, Any] = dict(
+            ladder=("baseline", "best"),
+            concurrency=(1, 8),
+            duration=2.0,
+            warmup=1.0,
+            ceiling_duration=0.3,
+            ceiling_batch_sizes=(1, 8),
+        )
+        return cls(**{**settings, **overrides})
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -14,7 +14,9 @@ from timm.data import ImageNetInfo, infer_imagenet_subset
 from timmserve.errors import ModelLoadError
 
 
-def load_labels(num_classes: int, *, label_file: Path | None = None, model_label_names: Sequence[str] | None = None) -> list[str]:
+def load_labels(
+    num_classes: int, *, label_file: Path | None = None, model_label_names: Sequence[str] | None = None
+) -> list[str]:
     """Names for class indices 0..num_classes-1, by precedence: label file > the model's own
     label names (WordNet synsets become readable ImageNet names) > ImageNet by class count."""
     if label_file is not None:

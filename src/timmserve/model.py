@@ -151,7 +151,9 @@ def _create_builtin() -> torch.nn.Module:
     return model
 
 
-def map_state_dict_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def map_state_dict_by_order(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Give `source`'s tensors `target`'s names, pairing them in order (BatchNorm's
     num_batches_tracked counters left out on both sides); every count and shape must match."""
     src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
@@ -162,8 +164,7 @@ def map_state_dict_by_order(source: dict[str, torch.Tensor], target: dict[str, t
     for (src_key, src_value), (dst_key, dst_value) in zip(src, dst):
         if src_value.shape != dst_value.shape:
             raise ModelLoadError(
-                f"weight {src_key} has shape {tuple(src_value.shape)} but {dst_key} "
-                f"expects {tuple(dst_value.shape)}"
+                f"weight {src_key} has shape {tuple(src_value.shape)} but {dst_key} expects {tuple(dst_value.shape)}"
             )
         mapped[dst_key] = src_value
     # Keep the target's own counters so load_state_dict(strict=True) sees every key.

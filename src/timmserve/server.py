@@ -52,12 +52,8 @@ def run_server(config: ServeConfig) -> None:
     """Serve until SIGINT or SIGTERM."""
     server = build_server(config)
     # LitServe shuts down cleanly on KeyboardInterrupt only: without this, SIGTERM leaves the
-    # API-server and worker processes alive, holding the port. SIGINT is set too because a shell
-    # starts background jobs with SIGINT ignored. Forked API servers get the defaults back, so
-    # uvicorn's own graceful shutdown runs there.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _raise_keyboard_interrupt)
-    os.register_at_fork(after_in_child=_restore_default_signals)
+    # API-server and worker processes alive, holding the port.
+    stop_on_signals()
     try:
         server.run(
             host=config.host,
@@ -70,6 +66,16 @@ def run_server(config: ServeConfig) -> None:
         if "workers failed to start" in str(exc):
             raise ModelLoadError("an inference worker failed to start; its error is in the log above") from None
         raise
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT raise KeyboardInterrupt in this process, so `finally` blocks and context
+    managers clean up. SIGINT is set too because a shell starts background jobs with SIGINT
+    ignored. Forked children (LitServe's API servers) get the defaults back, so uvicorn's own
+    graceful shutdown runs there."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _raise_keyboard_interrupt)
+    os.register_at_fork(after_in_child=_restore_default_signals)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:

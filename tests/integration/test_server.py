@@ -31,8 +31,9 @@ def server(request, start_server, batched_server):
 
 
 def predict_raw(url: str, data: bytes, **params) -> httpx.Response:
-    return httpx.post(f"{url}/predict", content=data, params=params,
-                      headers={"Content-Type": "application/octet-stream"}, timeout=60)
+    return httpx.post(
+        f"{url}/predict", content=data, params=params, headers={"Content-Type": "application/octet-stream"}, timeout=60
+    )
 
 
 def top1(response: httpx.Response) -> str:
@@ -67,8 +68,9 @@ def test_multipart_body(server, photos):
 
 
 def test_raw_image_body_with_top_k(server, photos):
-    response = httpx.post(f"{server.url}/predict?top_k=2", content=photos["espresso"],
-                          headers={"Content-Type": "image/jpeg"}, timeout=60)
+    response = httpx.post(
+        f"{server.url}/predict?top_k=2", content=photos["espresso"], headers={"Content-Type": "image/jpeg"}, timeout=60
+    )
     assert [p["label"] for p in response.json()["predictions"]][0] == "espresso"
     assert len(response.json()["predictions"]) == 2
 
@@ -140,9 +142,21 @@ def test_health_and_info(batched_server):
 
 def test_classify_cli_end_to_end(batched_server):
     result = subprocess.run(
-        [sys.executable, "-m", "timmserve", "classify", str(DATA / "cat.jpg"), str(DATA / "espresso.jpg"),
-         "--url", batched_server.url, "--top-k", "2"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "timmserve",
+            "classify",
+            str(DATA / "cat.jpg"),
+            str(DATA / "espresso.jpg"),
+            "--url",
+            batched_server.url,
+            "--top-k",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

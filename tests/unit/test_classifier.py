@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tests.conftest import CAT_LABELS
-from timmserve.classifier import Classifier
+from timmserve.classifier import Classifier, build_classifier
 from timmserve.config import ServeConfig
-from timmserve.errors import InvalidImageError
+from timmserve.errors import InvalidImageError, ModelLoadError
 from timmserve.labels import load_labels
 from timmserve.model import load_model
 from timmserve.payload import ImageRequest
@@ -27,6 +27,12 @@ def make_classifier(loaded, precision="fp32", decode_threads=2) -> Classifier:
         precision=precision,
         decode_threads=decode_threads,
     )
+
+
+def test_build_classifier_checks_the_label_count():
+    config = ServeConfig(model="test_efficientnet", random_weights=True)
+    with pytest.raises(ModelLoadError, match="1000 classes but 3 labels"):
+        build_classifier(config, ["a", "b", "c"], torch.device("cpu"))
 
 
 def test_a_bad_item_fails_only_its_own_slot(builtin, photos):

@@ -94,8 +94,12 @@ def test_checkpoint_for_another_architecture_fails_clearly(tmp_path, trained_tes
 def test_model_folder_in_timm_format(tmp_path, trained_test_model):
     from timm.models import save_for_hf
 
-    save_for_hf(trained_test_model, str(tmp_path), safe_serialization=True,
-                model_config={"label_names": [f"class {i}" for i in range(10)]})
+    save_for_hf(
+        trained_test_model,
+        str(tmp_path),
+        safe_serialization=True,
+        model_config={"label_names": [f"class {i}" for i in range(10)]},
+    )
     loaded = load_model(ServeConfig(model=str(tmp_path)))
     assert loaded.info.weights == f"folder:{tmp_path}"
     assert loaded.info.num_classes == 10

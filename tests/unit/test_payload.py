@@ -74,7 +74,11 @@ def test_multipart_form(client):
         ({"content": IMAGE, "headers": {"Content-Type": "text/plain"}}, 415, "'text/plain' is not accepted"),
         ({"content": IMAGE, "headers": {"Content-Type": ""}}, 415, "'none' is not accepted"),
         ({"files": {"picture": ("a.jpg", IMAGE)}}, 400, 'no file field "image"'),
-        ({"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data; boundary=x"}}, 400, "multipart"),
+        (
+            {"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},
+            400,
+            "multipart",
+        ),
         ({"content": b"\0" * 5000, "headers": {"Content-Type": "image/png"}}, 413, "limit is 4,096"),
     ],
 )

@@ -43,8 +43,16 @@ def test_gif_uses_the_first_frame():
 
 @pytest.mark.parametrize(
     ("mode", "fmt"),
-    [("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("RGBA", "WEBP"), ("CMYK", "JPEG"), ("1", "BMP"),
-     ("L", "JPEG")],
+    [
+        ("L", "PNG"),
+        ("LA", "PNG"),
+        ("P", "PNG"),
+        ("RGBA", "PNG"),
+        ("RGBA", "WEBP"),
+        ("CMYK", "JPEG"),
+        ("1", "BMP"),
+        ("L", "JPEG"),
+    ],
 )
 def test_every_mode_becomes_rgb(mode, fmt):
     image = decode_image(encode(red(mode=mode), fmt), max_pixels=LIMIT)
@@ -120,8 +128,14 @@ def test_unaccepted_format_is_415():
 
 
 def test_preprocessor_follows_the_model_data_config(photos):
-    config = {"input_size": (3, 160, 160), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5),
-              "std": (0.5, 0.5, 0.5), "crop_pct": 0.95, "crop_mode": "center"}
+    config = {
+        "input_size": (3, 160, 160),
+        "interpolation": "bicubic",
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "crop_pct": 0.95,
+        "crop_mode": "center",
+    }
     tensor = Preprocessor(config, max_pixels=LIMIT)(photos["cat"])
     assert tensor.shape == (3, 160, 160) and tensor.dtype == torch.float32
     gray = Preprocessor(config, max_pixels=LIMIT)(encode(Image.new("RGB", (50, 50), (128, 128, 128)), "PNG"))

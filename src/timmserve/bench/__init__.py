@@ -1,0 +1,1 @@
+"""`timmserve bench`: ceilings, load, monitoring, the configuration ladder and its report."""

@@ -1,0 +1,150 @@
+"""`timmserve bench`'s parts against real servers on 127.0.0.1, with a tiny model and short timings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import DATA
+from timmserve.bench.ceiling import measure_ceilings
+from timmserve.bench.ladder import run_bench
+from timmserve.bench.load import LoadSpec, measure_client_capacity, run_level
+from timmserve.bench.monitor import Monitor
+from timmserve.bench.process import free_port
+from timmserve.bench.report import PLOTS, write_results
+from timmserve.classifier import build_classifier
+from timmserve.config import BenchConfig, ServeConfig
+from timmserve.labels import load_labels
+
+TINY = ServeConfig(model="test_efficientnet", random_weights=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(start_server):
+    return start_server("--model", "test_efficientnet", "--random-weights", "--max-batch-size", "4")
+
+
+def test_ceilings_are_positive_and_ordered(photos):
+    classifier, _ = build_classifier(TINY, load_labels(1000), torch.device("cpu"))
+    ceilings = measure_ceilings(classifier, [photos["cat"]], [1, 4], duration=0.3)
+    for kind in ("model", "pipeline"):
+        assert [row["batch_size"] for row in ceilings[kind]] == [1, 4]
+        assert all(row["img_per_s"] > 0 for row in ceilings[kind])
+    for model_row, pipeline_row in zip(ceilings["model"], ceilings["pipeline"]):
+        # The pipeline does the model's work plus decoding: it cannot be much faster (noise aside).
+        assert pipeline_row["img_per_s"] < model_row["img_per_s"] * 1.5
+
+
+def test_open_loop_counts_add_up_with_a_known_share_of_errors(tiny_server, photos):
+    spec = LoadSpec(
+        url=f"{tiny_server.url}/predict", bodies=(photos["cat"], b"not an image"), duration=2.0, warmup=0.5, rate=15
+    )
+    stats = run_level(spec)
+    assert stats.sent == stats.ok + sum(stats.errors.values()) + stats.timeouts
+    assert stats.requests_total == stats.warmup_requests + stats.sent + stats.after_window_requests
+    assert set(stats.errors) == {"400"}
+    assert abs(stats.ok - stats.errors["400"]) <= 3  # bodies alternate good, bad
+    assert len(stats.latencies_ms) == stats.ok
+    summary = stats.summary()
+    assert summary["req_per_s"] == pytest.approx(stats.ok / 2.0)
+    assert summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"] <= summary["latency_ms"]["max"]
+
+
+def test_closed_loop_in_two_client_processes(tiny_server, photos):
+    spec = LoadSpec(url=f"{tiny_server.url}/predict", bodies=(photos["cat"],), duration=1.0, warmup=0.3, concurrency=3)
+    stats = run_level(spec, processes=2)
+    assert stats.ok > 0 and stats.sent == stats.ok and not stats.errors
+    assert stats.requests_total == stats.warmup_requests + stats.sent + stats.after_window_requests
+    assert stats.warmup_requests > 0  # the warm-up ran, in both processes
+    assert stats.summary()["req_per_s"] == pytest.approx(stats.ok / 1.0)
+
+
+def test_every_request_is_accounted_for_when_nothing_answers(photos):
+    spec = LoadSpec(url=f"http://127.0.0.1:{free_port()}/predict", bodies=(photos["cat"],), duration=0.5, concurrency=2)
+    stats = run_level(spec)
+    assert stats.sent > 0 and stats.ok == 0
+    assert stats.errors["connection"] + stats.timeouts == stats.sent
+    assert stats.summary()["latency_ms"]["p50"] is None
+
+
+def test_client_capacity_is_measured(photos):
+    assert measure_client_capacity(photos["cat"], concurrency=4, duration=0.5) > 50
+
+
+def test_monitor_samples_the_server_tree(tiny_server, photos):
+    spec = LoadSpec(url=f"{tiny_server.url}/predict", bodies=(photos["cat"],), duration=1.0, concurrency=2)
+    with Monitor(tiny_server.pid, interval=0.1) as monitor:
+        run_level(spec)
+    summary = monitor.summary()
+    assert summary["samples"] >= 5
+    assert 0 < summary["server_cpu_percent"] <= 100
+    assert 0 < summary["cpu_percent"] <= 100
+    assert summary["client_cpu_percent"] is not None
+    assert summary["gpu_percent"] is None  # no GPU here
+
+
+@pytest.fixture(scope="module")
+def bench_results(tmp_path_factory):
+    config = BenchConfig(
+        serve=TINY,
+        ladder=("baseline", "best"),
+        rounds=2,
+        concurrency=(1, 2),
+        rates=(5.0,),
+        duration=0.6,
+        warmup=0.2,
+        ceiling_duration=0.1,
+        ceiling_batch_sizes=(1, 2),
+        images=DATA,
+    )
+    out = tmp_path_factory.mktemp("bench")
+    results = run_bench(config, progress=False, log=lambda line: None)
+    return results, write_results(results, out)
+
+
+def test_ladder_writes_the_design_fields(bench_results):
+    results, path = bench_results
+    saved = json.loads(path.read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert {"python", "torch", "timm", "litserve", "device", "cpus"} <= set(saved["env"])
+    assert saved["model"]["name"] == "test_efficientnet" and saved["model"]["input_size"] == [3, 160, 160]
+    assert saved["client_capacity_req_per_s"] > 0
+    assert [run["name"] for run in saved["runs"]] == ["baseline", "best"]
+    for run in saved["runs"]:
+        assert run["rounds"] == 2
+        assert run["config"]["model"] == "test_efficientnet"
+        assert all(row["img_per_s"] > 0 for row in run["ceiling"]["model"] + run["ceiling"]["pipeline"])
+        assert [(lvl["mode"], lvl["concurrency"], lvl["target_rate"]) for lvl in run["levels"]] == [
+            ("closed", 1, None),
+            ("closed", 2, None),
+            ("open", None, 5.0),
+        ]
+        for level in run["levels"]:
+            assert level["sent"] == level["ok"] + sum(level["errors"].values()) + level["timeouts"]
+            assert level["requests_total"] == level["warmup_requests"] + level["sent"] + level["after_window_requests"]
+            assert level["req_per_s_min"] <= level["req_per_s"] <= level["req_per_s_max"]
+            assert {"p50", "p90", "p99"} <= set(level["latency_ms"])
+            assert level["efficiency"] > 0 and level["efficiency_vs_best"] > 0
+            assert level["client_bound"] is False
+            assert level["gpu_percent"] is None and level["cpu_percent"] is not None
+    baseline, best = saved["runs"]
+    assert baseline["config"]["max_batch_size"] == 1 and baseline["config"]["decode_threads"] == 1
+    assert best["config"]["max_batch_size"] == 64  # best combines the rungs not measured to lose
+    assert [row["batch_size"] for row in baseline["ceiling"]["model"]] == [1]  # capped by max batch size
+
+
+def test_report_renders_from_a_saved_file(bench_results):
+    _, path = bench_results
+    for name in ("results.md", *PLOTS):
+        (path.parent / name).unlink(missing_ok=True)
+    result = subprocess.run([sys.executable, "-m", "timmserve", "report", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    markdown = (path.parent / "results.md").read_text()
+    assert "| baseline | c=1 |" in markdown and "| best | 5 req/s open |" in markdown
+    assert "best vs baseline" in markdown
+    for name in PLOTS:
+        assert (path.parent / name).read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import pytest
+
+import timmserve.bench.ladder as ladder_module
+from timmserve.bench.ladder import Ladder, add_efficiency
+from timmserve.bench.load import LoadSpec
+from timmserve.bench.report import verdict
+from timmserve.config import BenchConfig, ServeConfig
+from timmserve.errors import ConfigError
+
+BASE = ServeConfig(model="test_efficientnet", random_weights=True, top_k=3)
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    monkeypatch.setattr(ladder_module, "_cpu_features", lambda: ["avx2", "avx512_bf16"])
+
+
+@pytest.fixture
+def avx2_cpu(monkeypatch):
+    monkeypatch.setattr(ladder_module, "_cpu_features", lambda: ["avx2"])
+
+
+def test_rungs_are_cumulative_on_top_of_the_shared_settings(bf16_cpu):
+    ladder = Ladder(BenchConfig(serve=BASE), "cpu")
+    baseline, batching, workers = (ladder.config(n) for n in ("baseline", "batching", "workers"))
+    assert (baseline.max_batch_size, baseline.workers_per_device, baseline.decode_threads) == (1, 1, 1)
+    assert (batching.max_batch_size, batching.workers_per_device) == (64, 1)
+    assert (workers.max_batch_size, workers.workers_per_device) == (64, 2)
+    assert ladder.config("precision").precision == "bf16"
+    assert all(ladder.config(n).top_k == 3 and ladder.config(n).model == "test_efficientnet" for n in ladder.names[:-1])
+
+
+def test_best_leaves_out_the_rungs_that_did_not_win(bf16_cpu):
+    ladder = Ladder(BenchConfig(serve=BASE), "cpu")
+    with pytest.raises(RuntimeError):
+        ladder.config("best")
+    ladder.decide_best({"baseline": 10.0, "batching": 20.0, "workers": 20.5, "precision": 30.0, "decode": 29.0})
+    assert ladder.best_from == ["batching", "precision"]
+    assert ladder.best_left_out == ["workers", "decode"]
+    best = ladder.config("best")
+    assert (best.max_batch_size, best.workers_per_device, best.precision, best.decode_threads) == (64, 1, "bf16", 1)
+
+
+def test_precision_is_skipped_without_native_bf16(avx2_cpu):
+    ladder = Ladder(BenchConfig(serve=BASE), "cpu")
+    assert "precision" not in ladder.names and "precision" in ladder.skipped
+    ladder.decide_best({})
+    assert ladder.config("best").precision == "fp32"
+    assert Ladder(BenchConfig(serve=BASE), "cuda").config("precision").precision == "fp16"
+
+
+def test_config_file_rungs_override_and_extend(avx2_cpu):
+    overrides = {"batching": {"max_batch_size": 16}, "tiny_batches": {"max_batch_size": 4}}
+    config = BenchConfig(serve=BASE, ladder=("baseline", "batching", "tiny_batches"), rung_overrides=overrides)
+    ladder = Ladder(config, "cpu")
+    assert ladder.config("batching").max_batch_size == 16
+    assert ladder.config("tiny_batches").max_batch_size == 4
+    with pytest.raises(ConfigError, match="unknown rung 'nope'"):
+        Ladder(BenchConfig(serve=BASE, ladder=("baseline", "nope")), "cpu")
+
+
+def test_verdict_says_no_difference_inside_the_spread():
+    a = {"req_per_s": 10.0, "req_per_s_min": 9.0, "req_per_s_max": 11.0}
+    assert verdict(a, {"req_per_s": 10.8, "req_per_s_min": 10.5, "req_per_s_max": 12.0}) == "no difference"
+    assert verdict(a, {"req_per_s": 15.0, "req_per_s_min": 14.0, "req_per_s_max": 16.0}) == "×1.50 (faster)"
+    assert verdict(a, {"req_per_s": 5.0, "req_per_s_min": 4.0, "req_per_s_max": 6.0}) == "×0.50 (slower)"
+
+
+def test_efficiency_uses_each_rungs_model_ceiling_and_the_best_pipeline():
+    def run(model, pipeline, served):
+        return {
+            "ceiling": {"model": [{"img_per_s": m} for m in model], "pipeline": [{"img_per_s": p} for p in pipeline]},
+            "levels": [{"req_per_s": served}],
+        }
+
+    results = {"client_capacity_req_per_s": 100.0, "runs": [run([40, 50], [20, 25], 20.0), run([80], [60], 75.0)]}
+    add_efficiency(results)
+    first, second = (r["levels"][0] for r in results["runs"])
+    assert (first["efficiency"], first["efficiency_vs_best"], first["client_bound"]) == (0.4, 0.333, False)
+    assert (second["efficiency"], second["efficiency_vs_best"], second["client_bound"]) == (0.938, 1.25, True)
+
+
+def test_load_is_shared_between_client_processes():
+    spec = LoadSpec(url="http://127.0.0.1:1/predict", bodies=(b"x",), duration=1, concurrency=7)
+    assert [spec.share(i, 3).concurrency for i in range(3)] == [3, 2, 2]
+    open_spec = LoadSpec(url="http://127.0.0.1:1/predict", bodies=(b"x",), duration=1, rate=9.0)
+    assert open_spec.share(1, 3).rate == 3.0
+    with pytest.raises(ValueError):
+        LoadSpec(url="u", bodies=(b"x",), duration=1)
