@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from timmserve.bench.ceiling import measure_ceilings
-from timmserve.bench.load import LoadSpec, run_level
+from timmserve.bench.load import LoadSpec, measure_client_capacity, run_level
 from timmserve.bench.monitor import Monitor
 from timmserve.bench.process import ServerProcess
 from timmserve.classifier import build_classifier
@@ -117,8 +117,6 @@ def run_bench(config: BenchConfig, *, progress: bool = True, log: Callable[[str]
     measure_ceiling = config.url is None or serve.model is not None
     info = load_model(serve).info if measure_ceiling else None
     labels = load_labels(info.num_classes, label_file=serve.labels, model_label_names=info.label_names) if info else []
-    from timmserve.bench.load import measure_client_capacity
-
     log("measuring the load generator's own capacity against a trivial endpoint …")
     capacity = measure_client_capacity(
         images[0], concurrency=max(config.concurrency or (64,)), duration=3.0, processes=config.client_processes
