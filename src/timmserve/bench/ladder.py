@@ -111,6 +111,7 @@ class Ladder:
 
 def run_bench(config: BenchConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure the ladder (or one running server with `config.url`); returns results.json's dict."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     images = load_images(config.images)
     serve = config.serve
     accelerator = resolve_accelerator(serve) if config.url is None else "cpu"
@@ -129,7 +130,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True, log: Callable[[str]
     else:
         runs, ladder_info = bench.run_ladder()
     results = {
-        "env": environment(accelerator),
+        "env": {**environment(accelerator), "started": started},
         "model": _model_section(info),
         "client_capacity_req_per_s": round(capacity, 1),
         "bench": {**_jsonable(config), "ladder_notes": ladder_info},
@@ -367,7 +368,6 @@ def environment(accelerator: str) -> dict[str, Any]:
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "platform": platform.platform(),
         "command": " ".join(["timmserve", *sys.argv[1:]]),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 
