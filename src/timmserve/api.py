@@ -15,21 +15,24 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import litserve as ls
 import torch
+from fastapi import HTTPException
 from litserve.server import RegularRequestHandler
 from litserve.specs.base import LitSpec
-from litserve.utils import LitAPIStatus, ResponseBufferItem
+from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
+from timmserve import __version__, oip
 from timmserve.classifier import Classifier, Result, build_classifier
 from timmserve.config import ServeConfig
 from timmserve.errors import RequestError
 from timmserve.model import ModelInfo
-from timmserve.payload import ImageRequest, PayloadLimits, parse_predict_request
+from timmserve.payload import ImageRequest, PayloadLimits, Prediction, check_top_k, parse_predict_request, read_body
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +40,25 @@ PREDICT_PATH = "/predict"
 RANDOM_WEIGHTS_HEADER = "X-Timmserve-Random-Weights"
 
 
-class PredictSpec(LitSpec):
-    """`POST /predict` in the API server process: parse, queue, await, answer."""
+class ClassifierSpec(LitSpec):
+    """timmserve's inference endpoints, in the API server process: parse, queue, await, answer.
+    `POST /predict` (three body forms) and the Open Inference Protocol under `/v2` share one queue,
+    so both go through the same dynamic batcher."""
 
-    def __init__(self, limits: PayloadLimits, *, random_weights: bool) -> None:
+    def __init__(self, limits: PayloadLimits, *, model_name: str, random_weights: bool) -> None:
         super().__init__()
         self.api_path = PREDICT_PATH
         self.limits = limits
+        self.model_name = model_name
         # Random weights serve meaningless answers: every response says so.
         self.headers = {RANDOM_WEIGHTS_HEADER: "true; throughput studies only"} if random_weights else {}
         self.add_endpoint(PREDICT_PATH, self.predict_endpoint, ["POST"])
+        self.add_endpoint("/v2", self.v2_server_metadata, ["GET"])
+        self.add_endpoint("/v2/health/live", self.v2_live, ["GET"])
+        self.add_endpoint("/v2/health/ready", self.v2_ready, ["GET"])
+        self.add_endpoint("/v2/models/{model_name}", self.v2_model_metadata, ["GET"])
+        self.add_endpoint("/v2/models/{model_name}/ready", self.v2_model_ready, ["GET"])
+        self.add_endpoint("/v2/models/{model_name}/infer", self.v2_infer, ["POST"])
 
     async def predict_endpoint(self, request: Request) -> JSONResponse:
         try:
@@ -63,6 +75,59 @@ class PredictSpec(LitSpec):
 
     def error_response(self, error: RequestError) -> JSONResponse:
         return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=self.headers)
+
+    async def v2_server_metadata(self) -> JSONResponse:
+        return JSONResponse({"name": "timmserve", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    async def v2_live(self) -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    async def v2_ready(self) -> JSONResponse:
+        ready = self._workers_ready()
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    async def v2_model_metadata(self, model_name: str) -> JSONResponse:
+        if model_name != self.model_name:
+            return self._unknown_model(model_name)
+        return JSONResponse(oip.model_metadata(self.model_name, self.limits.default_top_k))
+
+    async def v2_model_ready(self, model_name: str) -> JSONResponse:
+        if model_name != self.model_name:
+            return self._unknown_model(model_name)
+        ready = self._workers_ready()
+        return JSONResponse({"name": model_name, "ready": ready}, status_code=200 if ready else 503)
+
+    async def v2_infer(self, model_name: str, request: Request) -> Response:
+        """One OIP inference request: each of its images goes through the batcher on its own."""
+        if model_name != self.model_name:
+            return self._unknown_model(model_name)
+        try:
+            body = await read_body(request, self.limits.max_body_bytes)
+            infer_request = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH))
+            top_k = check_top_k(infer_request.top_k, self.limits)
+        except RequestError as error:
+            return JSONResponse(oip.error_body(error), status_code=error.status_code, headers=self.headers)
+        answers = await asyncio.gather(*(self._submit(ImageRequest(data, top_k)) for data in infer_request.images))
+        results = []
+        for index, (response, status) in enumerate(answers):
+            if status == LitAPIStatus.ERROR:
+                try:
+                    RegularRequestHandler._handle_error_response(response)
+                except HTTPException as error:
+                    return JSONResponse(oip.error_body(str(error.detail)), status_code=error.status_code)
+            if isinstance(response, RequestError):
+                detail = f"image {index}: {response.detail}"
+                return JSONResponse(oip.error_body(detail), status_code=response.status_code, headers=self.headers)
+            results.append([Prediction(**row) for row in response["predictions"]])
+        content, headers = oip.infer_response(self.model_name, infer_request, results)
+        return Response(content, headers={**headers, **self.headers})
+
+    def _unknown_model(self, model_name: str) -> JSONResponse:
+        return JSONResponse(oip.error_body(f"unknown model {model_name!r}; this server has {self.model_name!r}"), 404)
+
+    def _workers_ready(self) -> bool:
+        status = self._server.workers_setup_status if self._server is not None else {}
+        return bool(status) and all(value == WorkerSetupStatus.READY for value in status.values())
 
     async def _submit(self, image_request: ImageRequest) -> tuple[Any, LitAPIStatus]:
         """Put one request on the workers' queue and wait for its answer (as LitServe's own handler does)."""
@@ -94,7 +159,9 @@ class ClassifierAPI(ls.LitAPI):
         super().__init__(
             max_batch_size=config.max_batch_size,
             batch_timeout=config.batch_timeout,
-            spec=PredictSpec(limits, random_weights=model_info.random_weights),
+            spec=ClassifierSpec(
+                limits, model_name=oip_model_name(model_info), random_weights=model_info.random_weights
+            ),
         )
         self.config = config
         self.labels = list(labels)
@@ -124,5 +191,10 @@ class ClassifierAPI(ls.LitAPI):
 
     def encode_response(self, output: Result) -> dict[str, Any] | RequestError:
         if isinstance(output, RequestError):
-            return output  # PredictSpec answers it with its own status code
+            return output  # ClassifierSpec answers it with its own status code
         return {"predictions": [{"label": p.label, "probability": p.probability} for p in output]}
+
+
+def oip_model_name(info: ModelInfo) -> str:
+    """The model's name in /v2 URLs: the timm name, or a model folder's own name."""
+    return Path(info.name).name

@@ -57,7 +57,7 @@ async def parse_predict_request(request: Request, limits: PayloadLimits) -> Imag
         return _from_json(body, limits)
     if media_type.startswith("image/") or media_type == "application/octet-stream":
         body = await read_body(request, limits.max_body_bytes)
-        return ImageRequest(_nonempty(body), _top_k(request.query_params.get("top_k"), limits))
+        return ImageRequest(_nonempty(body), check_top_k(request.query_params.get("top_k"), limits))
     if media_type == "multipart/form-data":
         body = await read_body(request, limits.max_body_bytes)
         return await _from_multipart(request, body, limits)
@@ -93,7 +93,7 @@ def _from_json(body: bytes, limits: PayloadLimits) -> ImageRequest:
     encoded = document["image"]
     if not isinstance(encoded, str):
         raise InvalidRequestError(f'"image" must be a base64 string, not {_json_type(encoded)}')
-    return ImageRequest(_decode_base64(encoded), _top_k(document.get("top_k"), limits))
+    return ImageRequest(_decode_base64(encoded), check_top_k(document.get("top_k"), limits))
 
 
 async def _from_multipart(request: Request, body: bytes, limits: PayloadLimits) -> ImageRequest:
@@ -110,7 +110,7 @@ async def _from_multipart(request: Request, body: bytes, limits: PayloadLimits) 
             raise InvalidRequestError('the multipart body has no file field "image"')
         data = await upload.read()
         top_k = form.get("top_k", request.query_params.get("top_k"))
-        return ImageRequest(_nonempty(data), _top_k(top_k if isinstance(top_k, str) else None, limits))
+        return ImageRequest(_nonempty(data), check_top_k(top_k if isinstance(top_k, str) else None, limits))
     finally:
         await form.close()
 
@@ -132,7 +132,7 @@ def _nonempty(data: bytes) -> bytes:
     return data
 
 
-def _top_k(value: Any, limits: PayloadLimits) -> int:
+def check_top_k(value: Any, limits: PayloadLimits) -> int:
     """top_k from JSON (int) or a query/form field (str); absent means the server's default."""
     if value is None:
         return min(limits.default_top_k, limits.num_classes)

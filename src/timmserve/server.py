@@ -6,12 +6,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from importlib.resources import files
 from types import FrameType
 from typing import Any
 
 import litserve as ls
 import torch
+from starlette.responses import HTMLResponse
 
+from timmserve import openapi
 from timmserve.api import ClassifierAPI
 from timmserve.config import ServeConfig
 from timmserve.errors import ModelLoadError
@@ -38,7 +41,7 @@ def build_server(config: ServeConfig) -> ls.LitServer:
     del loaded  # the workers load their own copy; this one only proved that loading works
     labels = load_labels(info.num_classes, label_file=config.labels, model_label_names=info.label_names)
     metadata: dict[str, Any] = {**info.as_dict(), "labels": len(labels), "config": config.as_dict()}
-    return ls.LitServer(
+    server = ls.LitServer(
         ClassifierAPI(config, info, labels),
         accelerator=accelerator,
         devices=config.devices or "auto",
@@ -46,6 +49,20 @@ def build_server(config: ServeConfig) -> ls.LitServer:
         timeout=config.timeout,
         model_metadata=metadata,
     )
+    _serve_demo_page(server)
+    openapi.document(server.app)
+    return server
+
+
+def _serve_demo_page(server: ls.LitServer) -> None:
+    """The browser page at `/`, in place of LitServe's plain-text index."""
+    page = (files("timmserve") / "static" / "index.html").read_text(encoding="utf-8")
+
+    async def demo_page() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
+    server.app.add_api_route("/", demo_page, methods=["GET"], include_in_schema=False)
 
 
 def run_server(config: ServeConfig) -> None:
