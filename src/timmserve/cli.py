@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from timmserve.config import (
     PRECISIONS,
     BenchConfig,
     ServeConfig,
+    parse_setting,
     read_config_file,
 )
 from timmserve.errors import ConfigError, TimmServeError
@@ -38,6 +40,31 @@ def cli() -> None:
     """Serve timm image classifiers over HTTP, and measure how well they are served."""
 
 
+def model_options(command: Callable) -> Callable:
+    """--model, --checkpoint, --random-weights, --labels: which model, for serve and bench alike."""
+    options = [
+        click.option(
+            "--model",
+            help="timm model name (hub weights), or a timm model folder. Default: the built-in "
+            "tf_efficientnet_lite0 with ImageNet weights, offline.",
+        ),
+        click.option(
+            "--checkpoint",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Weights for --model: .safetensors, or .pth/.pt (loaded weights-only, never as a pickle).",
+        ),
+        click.option("--random-weights", is_flag=True, help="The architecture untrained: throughput studies only."),
+        click.option(
+            "--labels",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Class names, one per line (default: ImageNet names from timm).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.option(
     "--config",
@@ -45,22 +72,7 @@ def cli() -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="TOML file with settings named like these options (flags given here win).",
 )
-@click.option(
-    "--model",
-    help="timm model name (hub weights), or a timm model folder. Default: the built-in "
-    "tf_efficientnet_lite0 with ImageNet weights, offline.",
-)
-@click.option(
-    "--checkpoint",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Weights for --model: .safetensors, or .pth/.pt (loaded weights-only, never as a pickle).",
-)
-@click.option("--random-weights", is_flag=True, help="Serve the architecture untrained: throughput studies only.")
-@click.option(
-    "--labels",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Class names, one per line (default: ImageNet names from timm).",
-)
+@model_options
 @click.option("--precision", type=click.Choice(PRECISIONS), default=_DEFAULTS["precision"], show_default=True)
 @click.option("--channels-last", is_flag=True, help="NHWC memory format for the model and its inputs.")
 @click.option("--accelerator", type=click.Choice(ACCELERATORS), default=_DEFAULTS["accelerator"], show_default=True)
@@ -167,10 +179,7 @@ def _numbers(kind: type) -> Any:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="TOML: bench settings at the top, [serve] knobs for every rung, [rungs.NAME] knobs per rung.",
 )
-@click.option("--model", help="As for serve (default: the built-in model).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="As for serve.")
-@click.option("--random-weights", is_flag=True, help="As for serve: throughput studies only.")
-@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), help="As for serve.")
+@model_options
 @click.option("--concurrency", callback=_numbers(int), help="Closed-loop levels.  [default: 1,8,32,64]")
 @click.option("--rate", "rates", callback=_numbers(float), help="Open-loop levels, req/s with Poisson arrivals.")
 @click.option("--duration", type=float, help="Seconds measured per level.  [default: 4]")
@@ -256,15 +265,7 @@ def _parse_knob(knob: str) -> tuple[str, Any]:
     name, sep, text = knob.partition("=")
     if not sep or not name:
         raise ConfigError(f"--set takes KNOB=VALUE, got {knob!r}")
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]  # 1 → int, 0.5 → float, true → bool
-    except tomllib.TOMLDecodeError:
-        value = text  # a bare word: a string
-    return name.replace("-", "_"), value
+    return name.replace("-", "_"), parse_setting(text)
 
 
 @cli.command()

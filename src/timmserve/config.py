@@ -138,7 +138,7 @@ class ServeConfig:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready view (for /info and results files)."""
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+        return _json_ready(dataclasses.asdict(self))
 
 
 LADDER: tuple[str, ...] = ("baseline", "batching", "workers", "precision", "decode", "best")
@@ -177,6 +177,10 @@ class BenchConfig:
         _check(self.client_processes >= 1, "client processes must be at least 1")
         _check(self.images is None or self.images.exists(), f"no image or folder at {self.images}")
 
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready view (for results files)."""
+        return {**_json_ready(dataclasses.asdict(self)), "serve": self.serve.as_dict()}
+
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
         """A run of about two minutes: baseline against best, two levels, short timings."""
@@ -200,6 +204,26 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def parse_setting(text: str) -> Any:
+    """A setting's value written on the command line: TOML literal syntax (1, 0.5, true, "x"),
+    or else the text itself."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _json_ready(values: dict[str, Any]) -> dict[str, Any]:
+    def convert(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, tuple):
+            return list(value)
+        return value
+
+    return {key: convert(value) for key, value in values.items()}
 
 
 def _check(condition: bool, message: str) -> None:

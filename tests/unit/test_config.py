@@ -49,3 +49,21 @@ def test_config_file_is_toml(tmp_path):
     path.write_text("max_batch_size = = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         read_config_file(path)
+
+
+def test_command_line_values_use_toml_literals():
+    from timmserve.config import parse_setting
+
+    assert parse_setting("1") == 1 and parse_setting("0.5") == 0.5 and parse_setting("true") is True
+    assert parse_setting("bf16") == "bf16" and parse_setting('"8"') == "8"
+
+
+def test_bench_config_is_json_ready():
+    import json
+
+    from timmserve.config import BenchConfig
+
+    values = BenchConfig(images=Path(__file__)).as_dict()
+    assert values["concurrency"] == [1, 8, 32, 64] and values["images"] == __file__
+    assert values["serve"]["max_batch_size"] == 8
+    json.dumps(values)

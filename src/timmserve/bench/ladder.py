@@ -133,7 +133,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True, log: Callable[[str]
         "env": {**environment(accelerator), "started": started},
         "model": _model_section(info),
         "client_capacity_req_per_s": round(capacity, 1),
-        "bench": {**_jsonable(config), "ladder_notes": ladder_info},
+        "bench": {**config.as_dict(), "ladder_notes": ladder_info},
         "runs": runs,
     }
     add_efficiency(results)
@@ -412,20 +412,3 @@ def _peak(levels: list[dict[str, Any]]) -> float:
 def _median(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return round(statistics.median(present), 3) if present else None
-
-
-def _jsonable(config: BenchConfig) -> dict[str, Any]:
-    return {
-        "ladder": list(config.ladder),
-        "rounds": config.rounds,
-        "concurrency": list(config.concurrency),
-        "rates": list(config.rates),
-        "duration_s": config.duration,
-        "warmup_s": config.warmup,
-        "ceiling_duration_s": config.ceiling_duration,
-        "ceiling_batch_sizes": list(config.ceiling_batch_sizes),
-        "images": str(config.images or DEFAULT_IMAGE),
-        "client_processes": config.client_processes,
-        "url": config.url,
-        "serve": config.serve.as_dict(),
-    }

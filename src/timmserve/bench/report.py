@@ -48,8 +48,8 @@ def to_markdown(results: dict[str, Any], plots: list[str]) -> str:
         f"- Model: {model['name']} ({model['weights']}), {_count(model['params'])} parameters, "
         f"input {model['input_size']}",
         f"- Run: `{env['command']}`, started {env['started']}; "
-        f"{results['bench']['rounds']} rounds in ABBA order, {results['bench']['duration_s']} s per level "
-        f"after {results['bench']['warmup_s']} s warm-up",
+        f"{results['bench']['rounds']} rounds in ABBA order, {results['bench']['duration']} s per level "
+        f"after {results['bench']['warmup']} s warm-up",
         f"- Client capacity: {results['client_capacity_req_per_s']:,.0f} req/s (the load generator against a "
         "trivial endpoint on this machine: a lower bound). Levels served at ≥ 70% of it would be marked client-bound.",
         "",
