@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import time
 import uuid
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from timmserve import __version__, oip
 from timmserve.classifier import Classifier, Result, build_classifier
 from timmserve.config import ServeConfig
-from timmserve.errors import RequestError
+from timmserve.errors import OverloadedError, RequestError
 from timmserve.model import ModelInfo
 from timmserve.payload import ImageRequest, PayloadLimits, Prediction, check_top_k, parse_predict_request, read_body
 
@@ -45,11 +46,14 @@ class ClassifierSpec(LitSpec):
     `POST /predict` (three body forms) and the Open Inference Protocol under `/v2` share one queue,
     so both go through the same dynamic batcher."""
 
-    def __init__(self, limits: PayloadLimits, *, model_name: str, random_weights: bool) -> None:
+    def __init__(self, limits: PayloadLimits, *, model_name: str, random_weights: bool, queue_limit: int) -> None:
         super().__init__()
         self.api_path = PREDICT_PATH
         self.limits = limits
         self.model_name = model_name
+        self.queue_limit = queue_limit
+        # Shared by the forked API-server processes; created before the fork, in the main process.
+        self._in_flight = multiprocessing.Value("i", 0)
         # Random weights serve meaningless answers: every response says so.
         self.headers = {RANDOM_WEIGHTS_HEADER: "true; throughput studies only"} if random_weights else {}
         self.add_endpoint(PREDICT_PATH, self.predict_endpoint, ["POST"])
@@ -60,12 +64,22 @@ class ClassifierSpec(LitSpec):
         self.add_endpoint("/v2/models/{model_name}/ready", self.v2_model_ready, ["GET"])
         self.add_endpoint("/v2/models/{model_name}/infer", self.v2_infer, ["POST"])
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_in_flight"] = None  # inference workers do not admit requests
+        return state
+
     async def predict_endpoint(self, request: Request) -> JSONResponse:
         try:
             image_request = await parse_predict_request(request, self.limits)
         except RequestError as error:
             return self.error_response(error)
-        response, status = await self._submit(image_request)
+        if not self._admit(1):
+            return self.error_response(self._overloaded())
+        try:
+            response, status = await self._submit(image_request)
+        finally:
+            self._release(1)
         if status == LitAPIStatus.ERROR:
             # Queue timeouts (504) and worker failures, in LitServe's own encoding.
             RegularRequestHandler._handle_error_response(response)
@@ -74,7 +88,25 @@ class ClassifierSpec(LitSpec):
         return JSONResponse(response, headers=self.headers)
 
     def error_response(self, error: RequestError) -> JSONResponse:
-        return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=self.headers)
+        headers = {**self.headers, **getattr(error, "headers", {})}
+        return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=headers)
+
+    def _admit(self, count: int) -> bool:
+        """Take `count` queue slots if the limit allows; the caller releases them when answered."""
+        with self._in_flight.get_lock():
+            if self._in_flight.value + count > self.queue_limit:
+                return False
+            self._in_flight.value += count
+            return True
+
+    def _release(self, count: int) -> None:
+        with self._in_flight.get_lock():
+            self._in_flight.value -= count
+
+    def _overloaded(self) -> OverloadedError:
+        return OverloadedError(
+            f"the server is at its limit of {self.queue_limit} queued images; retry later", retry_after=1
+        )
 
     async def v2_server_metadata(self) -> JSONResponse:
         return JSONResponse({"name": "timmserve", "version": __version__, "extensions": ["binary_tensor_data"]})
@@ -107,7 +139,14 @@ class ClassifierSpec(LitSpec):
             top_k = check_top_k(infer_request.top_k, self.limits)
         except RequestError as error:
             return JSONResponse(oip.error_body(error), status_code=error.status_code, headers=self.headers)
-        answers = await asyncio.gather(*(self._submit(ImageRequest(data, top_k)) for data in infer_request.images))
+        count = len(infer_request.images)
+        if not self._admit(count):
+            error = self._overloaded()
+            return JSONResponse(oip.error_body(error), status_code=error.status_code, headers=error.headers)
+        try:
+            answers = await asyncio.gather(*(self._submit(ImageRequest(data, top_k)) for data in infer_request.images))
+        finally:
+            self._release(count)
         results = []
         for index, (response, status) in enumerate(answers):
             if status == LitAPIStatus.ERROR:
@@ -160,7 +199,10 @@ class ClassifierAPI(ls.LitAPI):
             max_batch_size=config.max_batch_size,
             batch_timeout=config.batch_timeout,
             spec=ClassifierSpec(
-                limits, model_name=oip_model_name(model_info), random_weights=model_info.random_weights
+                limits,
+                model_name=oip_model_name(model_info),
+                random_weights=model_info.random_weights,
+                queue_limit=config.queue_limit(),
             ),
         )
         self.config = config

@@ -119,6 +119,12 @@ def model_options(command: Callable) -> Callable:
     show_default=True,
     help="Seconds a request may wait in the queue before a 504.",
 )
+@click.option(
+    "--max-queue",
+    type=int,
+    help="Images queued and not yet answered, over all API servers, before new requests get 503 "
+    "(default: 4 full batches per worker, at least 128).",
+)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default=_DEFAULTS["log_level"], show_default=True)
 @click.pass_context
 def serve(ctx: click.Context, config_file: Path | None, **options: Any) -> None:

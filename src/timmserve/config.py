@@ -66,6 +66,9 @@ class ServeConfig:
     max_body_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 64 * 1024 * 1024  # decompression-bomb guard, checked before decoding
     timeout: float = 30.0  # seconds a request may wait in the queue before a 504
+    # Images admitted and not yet answered, over all API servers; beyond it: 503 + Retry-After at
+    # once instead of a queue that grows without bound. None: see `queue_limit`.
+    max_queue: int | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -85,6 +88,7 @@ class ServeConfig:
         _check(self.max_body_bytes >= 1024, "max body bytes must be at least 1024")
         _check(self.max_image_pixels >= 1, "max image pixels must be at least 1")
         _check(self.timeout > 0, "timeout must be positive")
+        _check(self.max_queue is None or self.max_queue >= 1, "max queue must be at least 1")
         _check(
             self.checkpoint is None or self.model is not None,
             "--checkpoint needs the architecture it belongs to: --model ARCH --checkpoint FILE",
@@ -114,6 +118,13 @@ class ServeConfig:
             return cls(**kwargs)
         except TypeError as exc:  # a value of the wrong type reached a comparison
             raise ConfigError(f"invalid setting: {exc}") from None
+
+    def queue_limit(self) -> int:
+        """`max_queue`, or by default four full batches per worker, and at least 128 (so a
+        benchmark's c=64 is never refused)."""
+        if self.max_queue is not None:
+            return self.max_queue
+        return max(128, 4 * self.max_batch_size * self.workers_per_device * (self.devices or 1))
 
     def torch_threads_per_worker(self, workers: int) -> int:
         """Threads for one worker's torch ops: explicit, or the cores shared out between workers."""

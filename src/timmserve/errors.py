@@ -8,7 +8,8 @@
         ├── InvalidRequestError     400: malformed body, missing field, bad top_k
         ├── InvalidImageError       400: the bytes are not a decodable image
         ├── PayloadTooLargeError    413: body or pixel count over the limit
-        └── UnsupportedMediaError   415: content type or image format not accepted
+        ├── UnsupportedMediaError   415: content type or image format not accepted
+        └── OverloadedError         503: the queue is at its limit; carries Retry-After
 
 A RequestError raised while handling one item of a batch is returned as a value for that item,
 never raised across the batch, so one bad image costs only its own request.
@@ -61,3 +62,11 @@ class PayloadTooLargeError(RequestError):
 
 class UnsupportedMediaError(RequestError):
     status_code = 415
+
+
+class OverloadedError(RequestError):
+    status_code = 503
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(retry_after)}

@@ -107,6 +107,10 @@ PREDICT = {
             "content type 'text/plain' is not accepted; send application/json, image/*, "
             "application/octet-stream or multipart/form-data",
         ),  # fmt: skip
+        503: _error(
+            "the queue is at --max-queue; retry after Retry-After seconds",
+            "the server is at its limit of 128 queued images; retry later",
+        ),
         504: _error("waited in the queue longer than --timeout", "Request timed out"),
     },
 }
@@ -170,6 +174,12 @@ INFER = {
         ),  # fmt: skip
         413: _error(
             "body over --max-body-bytes", "the body is over the limit of 20,971,520 bytes", _OIP_ERROR, "error"
+        ),
+        503: _error(
+            "the queue is at --max-queue",
+            "the server is at its limit of 128 queued images; retry later",
+            _OIP_ERROR,
+            "error",
         ),
     },
 }

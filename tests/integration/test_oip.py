@@ -118,7 +118,7 @@ def test_openapi_documents_every_endpoint(server):
         "application/octet-stream",
         "multipart/form-data",
     }
-    assert {"200", "400", "413", "415", "504"} <= set(predict["responses"])
+    assert {"200", "400", "413", "415", "503", "504"} <= set(predict["responses"])
     assert "corrupt" in predict["responses"]["400"]["content"]["application/json"]["example"]["detail"]
     infer = schema["paths"]["/v2/models/{model_name}/infer"]["post"]
     assert {"200", "400", "404"} <= set(infer["responses"])

@@ -191,3 +191,27 @@ def test_sigint_stops_every_process_and_frees_the_port(start_server):
             return
         time.sleep(0.2)
     pytest.fail("a process of the stopped server is still alive")
+
+
+def test_overload_is_refused_at_once_with_503_and_accepted_requests_succeed(start_server, photos):
+    server = start_server("--max-batch-size", "1", "--max-queue", "2")
+
+    def send(_: int) -> tuple[httpx.Response, float]:
+        started = time.perf_counter()
+        response = predict_raw(server.url, photos["cat"])
+        return response, time.perf_counter() - started
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(send, range(36)))
+    served = sorted(elapsed for response, elapsed in results if response.status_code == 200)
+    refused = sorted(elapsed for response, elapsed in results if response.status_code == 503)
+    assert len(served) + len(refused) == len(results)  # nothing but 200 and 503
+    assert served and refused
+    for response, _ in results:
+        if response.status_code == 503:
+            assert response.headers["Retry-After"] == "1" and "limit of 2 queued" in response.json()["detail"]
+        else:
+            assert top1(response) in CAT_LABELS
+    assert refused[int(len(refused) * 0.99) - 1] < served[len(served) // 2]  # refusals come fast
+    assert top1(predict_raw(server.url, photos["cat"])) in CAT_LABELS  # every slot was given back
+    assert httpx.get(f"{server.url}/info").json()["model"]["config"]["max_queue"] == 2

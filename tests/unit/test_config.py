@@ -67,3 +67,11 @@ def test_bench_config_is_json_ready():
     assert values["concurrency"] == [1, 8, 32, 64] and values["images"] == __file__
     assert values["serve"]["max_batch_size"] == 8
     json.dumps(values)
+
+
+def test_queue_limit_defaults_to_four_batches_per_worker_and_at_least_128():
+    assert ServeConfig().queue_limit() == 128
+    assert ServeConfig(max_batch_size=64, workers_per_device=2).queue_limit() == 512
+    assert ServeConfig(max_queue=3).queue_limit() == 3
+    with pytest.raises(ConfigError, match="max queue"):
+        ServeConfig(max_queue=0)
