@@ -72,14 +72,9 @@ class ClassifierSpec(LitSpec):
     async def predict_endpoint(self, request: Request) -> JSONResponse:
         try:
             image_request = await parse_predict_request(request, self.limits)
+            [(response, status)] = await self._classify([image_request])
         except RequestError as error:
             return self.error_response(error)
-        if not self._admit(1):
-            return self.error_response(self._overloaded())
-        try:
-            response, status = await self._submit(image_request)
-        finally:
-            self._release(1)
         if status == LitAPIStatus.ERROR:
             # Queue timeouts (504) and worker failures, in LitServe's own encoding.
             RegularRequestHandler._handle_error_response(response)
@@ -88,25 +83,24 @@ class ClassifierSpec(LitSpec):
         return JSONResponse(response, headers=self.headers)
 
     def error_response(self, error: RequestError) -> JSONResponse:
-        headers = {**self.headers, **getattr(error, "headers", {})}
+        headers = {**self.headers, **error.headers}
         return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=headers)
 
-    def _admit(self, count: int) -> bool:
-        """Take `count` queue slots if the limit allows; the caller releases them when answered."""
+    async def _classify(self, requests: list[ImageRequest]) -> list[tuple[Any, LitAPIStatus]]:
+        """Queue the images and await their answers, within the queue limit over all API servers;
+        raises OverloadedError (503) at once when the images would not fit."""
+        count = len(requests)
         with self._in_flight.get_lock():
             if self._in_flight.value + count > self.queue_limit:
-                return False
+                raise OverloadedError(
+                    f"the server is at its limit of {self.queue_limit} queued images; retry later", retry_after=1
+                )
             self._in_flight.value += count
-            return True
-
-    def _release(self, count: int) -> None:
-        with self._in_flight.get_lock():
-            self._in_flight.value -= count
-
-    def _overloaded(self) -> OverloadedError:
-        return OverloadedError(
-            f"the server is at its limit of {self.queue_limit} queued images; retry later", retry_after=1
-        )
+        try:
+            return await asyncio.gather(*(self._submit(request) for request in requests))
+        finally:
+            with self._in_flight.get_lock():
+                self._in_flight.value -= count
 
     async def v2_server_metadata(self) -> JSONResponse:
         return JSONResponse({"name": "timmserve", "version": __version__, "extensions": ["binary_tensor_data"]})
@@ -137,16 +131,10 @@ class ClassifierSpec(LitSpec):
             body = await read_body(request, self.limits.max_body_bytes)
             infer_request = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH))
             top_k = check_top_k(infer_request.top_k, self.limits)
+            answers = await self._classify([ImageRequest(data, top_k) for data in infer_request.images])
         except RequestError as error:
-            return JSONResponse(oip.error_body(error), status_code=error.status_code, headers=self.headers)
-        count = len(infer_request.images)
-        if not self._admit(count):
-            error = self._overloaded()
-            return JSONResponse(oip.error_body(error), status_code=error.status_code, headers=error.headers)
-        try:
-            answers = await asyncio.gather(*(self._submit(ImageRequest(data, top_k)) for data in infer_request.images))
-        finally:
-            self._release(count)
+            headers = {**self.headers, **error.headers}
+            return JSONResponse(oip.error_body(error), status_code=error.status_code, headers=headers)
         results = []
         for index, (response, status) in enumerate(answers):
             if status == LitAPIStatus.ERROR:

@@ -39,13 +39,15 @@ class ClientError(TimmServeError):
 
 
 class RequestError(TimmServeError):
-    """One request is bad. `detail` says what was wrong, in words meant for the client."""
+    """One request is bad. `detail` says what was wrong, in words meant for the client; `headers`
+    go on the error response."""
 
     status_code = 400
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.headers: dict[str, str] = {}
 
 
 class InvalidRequestError(RequestError):
@@ -69,4 +71,4 @@ class OverloadedError(RequestError):
 
     def __init__(self, detail: str, *, retry_after: int) -> None:
         super().__init__(detail)
-        self.headers = {"Retry-After": str(retry_after)}
+        self.headers["Retry-After"] = str(retry_after)
