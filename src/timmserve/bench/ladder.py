@@ -246,10 +246,12 @@ class _Bench:
 
     def _with_progress(self, description: str, work: Callable[[], Any]) -> Any:
         """Run one level's load with a progress bar over its duration; log its rate when done."""
-        if not self.progress:
-            stats = work()
-            self.log(f"  {description}: {stats.ok / stats.duration_s:,.1f} req/s, errors {dict(stats.errors)}")
-            return stats
+        stats = self._run_with_bar(description, work) if self.progress else work()
+        line = f"  {description}: {stats.ok / stats.duration_s:,.1f} req/s, errors {dict(stats.errors)}"
+        (tqdm.write if self.progress else self.log)(line)
+        return stats
+
+    def _run_with_bar(self, description: str, work: Callable[[], Any]) -> Any:
         outcome: dict[str, Any] = {}
 
         def target() -> None:
@@ -268,9 +270,7 @@ class _Bench:
                 bar.refresh()
         if "error" in outcome:
             raise outcome["error"]
-        value = outcome["value"]
-        tqdm.write(f"  {description}: {value.ok / value.duration_s:,.1f} req/s, errors {dict(value.errors)}")
-        return value
+        return outcome["value"]
 
 
 def _aggregate(name: str, serve: ServeConfig, rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -286,7 +286,7 @@ def _aggregate(name: str, serve: ServeConfig, rounds: list[dict[str, Any]]) -> d
                 for row in r["ceiling_before"][kind] + r["ceiling_after"][kind]:
                     by_size.setdefault(row["batch_size"], []).append(row["img_per_s"])
             ceiling[kind] = [
-                {**_spread({"batch_size": size}, values, "img_per_s"), "measurements": len(values)}
+                {**_spread({"batch_size": size}, values, "img_per_s", statistics.fmean), "measurements": len(values)}
                 for size, values in sorted(by_size.items())
             ]
     return {"name": name, "config": serve.as_dict(), "rounds": len(rounds), "ceiling": ceiling, "levels": levels}
@@ -314,16 +314,23 @@ def _aggregate_level(per_round: list[dict[str, Any]]) -> dict[str, Any]:
             key: _median([level["latency_ms"][key] for level in per_round]) for key in ("p50", "p90", "p99", "max")
         },
     }
-    merged = _spread(merged, [level["req_per_s"] for level in per_round], "req_per_s")
+    merged = _spread(merged, [level["req_per_s"] for level in per_round], "req_per_s", statistics.median)
     for key in ("cpu_percent", "server_cpu_percent", "client_cpu_percent", "gpu_percent", "gpu_memory_mb"):
         merged[key] = _median([level[key] for level in per_round])
     return merged
 
 
-def _spread(row: dict[str, Any], values: list[float], key: str) -> dict[str, Any]:
-    """row + key (median for several rounds of load, mean for ceilings' before/after) + min/max."""
-    center = statistics.fmean(values) if key == "img_per_s" else statistics.median(values)
-    return {**row, key: round(center, 2), f"{key}_min": round(min(values), 2), f"{key}_max": round(max(values), 2)}
+def _spread(
+    row: dict[str, Any], values: list[float], key: str, center: Callable[[list[float]], float]
+) -> dict[str, Any]:
+    """row + key (its `center` over the values: the median of rounds of load, the mean of a
+    ceiling's measurements) + key_min and key_max."""
+    return {
+        **row,
+        key: round(center(values), 2),
+        f"{key}_min": round(min(values), 2),
+        f"{key}_max": round(max(values), 2),
+    }
 
 
 def add_efficiency(results: dict[str, Any]) -> None:

@@ -139,9 +139,11 @@ async def _measure(session: aiohttp.ClientSession, spec: LoadSpec) -> LevelStats
     loop = asyncio.get_running_loop()
     start = loop.time()
     window_start, window_end = start + spec.warmup, start + spec.warmup + spec.duration
-    measured, outside = LevelStats(), LevelStats()  # `outside`: warm-up and drain, counted apart
+    measured = LevelStats()
 
-    def record(completed_at: float) -> LevelStats:
+    def record(completed_at: float) -> LevelStats | None:
+        """The stats a request completing now counts in; None for the warm-up and the drain,
+        which are only counted."""
         if completed_at < window_start:
             measured.warmup_requests += 1
         elif completed_at > window_end:
@@ -149,7 +151,7 @@ async def _measure(session: aiohttp.ClientSession, spec: LoadSpec) -> LevelStats
         else:
             measured.sent += 1
             return measured
-        return outside
+        return None
 
     def on_send() -> None:
         measured.requests_total += 1
@@ -211,6 +213,8 @@ async def _send(
         status = "connection"
     completed = asyncio.get_running_loop().time()
     stats = record(completed)
+    if stats is None:
+        return
     if status == 200:
         stats.ok += 1
         stats.latencies_ms.append((completed - started) * 1000)
