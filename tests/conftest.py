@@ -27,7 +27,7 @@ def start_server() -> Iterator:
     started: list[ServerProcess] = []
 
     def start(*args: str) -> ServerProcess:
-        server = ServerProcess([*args, "--log-level", "warning"])
+        server = ServerProcess(["--log-level", "warning", *args])  # args may override
         started.append(server)
         return server
 

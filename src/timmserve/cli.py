@@ -27,9 +27,11 @@ from timmserve.config import (
     BenchConfig,
     ServeConfig,
     parse_setting,
+    read_api_key,
     read_config_file,
 )
 from timmserve.errors import ConfigError, TimmServeError
+from timmserve.logs import LOG_FORMATS
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
 
@@ -117,7 +119,7 @@ def model_options(command: Callable) -> Callable:
     type=float,
     default=_DEFAULTS["timeout"],
     show_default=True,
-    help="Seconds a request may wait in the queue before a 504.",
+    help="Seconds from admission to answer (queue wait and inference) before a 504.",
 )
 @click.option(
     "--max-queue",
@@ -125,7 +127,27 @@ def model_options(command: Callable) -> Callable:
     help="Images queued and not yet answered, over all API servers, before new requests get 503 "
     "(default: 4 full batches per worker, at least 128).",
 )
+@click.option(
+    "--grace-period",
+    type=float,
+    default=_DEFAULTS["grace_period"],
+    show_default=True,
+    help="On SIGTERM/SIGINT: seconds in-flight requests get to finish after the server stops accepting.",
+)
+@click.option(
+    "--api-key-env",
+    metavar="NAME",
+    help="Require the API key held in environment variable NAME (X-API-Key or Authorization: Bearer) "
+    "everywhere but the health probes and the demo page.",
+)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default=_DEFAULTS["log_level"], show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default=_DEFAULTS["log_format"],
+    show_default=True,
+    help="json: one object per line, for log pipelines.",
+)
 @click.pass_context
 def serve(ctx: click.Context, config_file: Path | None, **options: Any) -> None:
     """Serve a timm classifier: POST /predict, GET /health, GET /info."""
@@ -150,11 +172,15 @@ def _serve_config(ctx: click.Context, config_file: Path | None, options: dict[st
 @click.option("--top-k", type=click.IntRange(min=1), help="Classes per image (default: the server's).")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image instead of a table.")
-def classify(images: tuple[Path, ...], url: str, top_k: int | None, timeout: float, as_json: bool) -> None:
+@click.option("--api-key-env", metavar="NAME", help="Send the API key held in environment variable NAME.")
+def classify(
+    images: tuple[Path, ...], url: str, top_k: int | None, timeout: float, as_json: bool, api_key_env: str | None
+) -> None:
     """Classify image files with a running server."""
     from timmserve.client import Client
 
-    with Client(url, timeout=timeout) as client:
+    api_key = read_api_key(api_key_env) if api_key_env else None
+    with Client(url, timeout=timeout, api_key=api_key) as client:
         for path in images:
             predictions = client.classify(path, top_k=top_k)
             if as_json:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from timmserve.errors import ConfigError
+from timmserve.logs import LOG_FORMATS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,16 +66,23 @@ class ServeConfig:
     top_k: int = 5
     max_body_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 64 * 1024 * 1024  # decompression-bomb guard, checked before decoding
-    timeout: float = 30.0  # seconds a request may wait in the queue before a 504
+    # Seconds from admission to answer (queue wait + inference) before a 504 frees the slot.
+    timeout: float = 30.0
     # Images admitted and not yet answered, over all API servers; beyond it: 503 + Retry-After at
     # once instead of a queue that grows without bound. None: see `queue_limit`.
     max_queue: int | None = None
+    # SIGTERM/SIGINT: seconds in-flight requests get to finish after the server stops accepting.
+    grace_period: float = 30.0
+    # Name of the environment variable holding the API key (never the key itself: argv is public).
+    api_key_env: str | None = None
     log_level: str = "info"
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}")
         _check(self.accelerator in ACCELERATORS, f"accelerator must be one of {', '.join(ACCELERATORS)}")
         _check(self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}")
+        _check(self.log_format in LOG_FORMATS, f"log format must be one of {', '.join(LOG_FORMATS)}")
         _check(self.host in HOSTS, f"host must be one of {', '.join(HOSTS)} (LitServe binds only these)")
         _check(1024 <= self.port <= 65535, "port must be between 1024 and 65535")
         _check(self.max_batch_size >= 1, "max batch size must be at least 1")
@@ -89,6 +97,8 @@ class ServeConfig:
         _check(self.max_image_pixels >= 1, "max image pixels must be at least 1")
         _check(self.timeout > 0, "timeout must be positive")
         _check(self.max_queue is None or self.max_queue >= 1, "max queue must be at least 1")
+        _check(0 <= self.grace_period <= 3600, "grace period must be between 0 and 3600 seconds")
+        _check(self.api_key_env is None or bool(self.api_key_env.strip()), "--api-key-env needs a variable name")
         _check(
             self.checkpoint is None or self.model is not None,
             "--checkpoint needs the architecture it belongs to: --model ARCH --checkpoint FILE",
@@ -125,6 +135,10 @@ class ServeConfig:
         if self.max_queue is not None:
             return self.max_queue
         return max(128, 4 * self.max_batch_size * self.workers_per_device * (self.devices or 1))
+
+    def api_key(self) -> str | None:
+        """The API key from the variable `api_key_env` names; None when no key is asked for."""
+        return None if self.api_key_env is None else read_api_key(self.api_key_env)
 
     def torch_threads_per_worker(self, workers: int) -> int:
         """Threads for one worker's torch ops: explicit, or the cores shared out between workers."""
@@ -215,6 +229,14 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def read_api_key(variable: str) -> str:
+    """An API key from the environment: keys stay out of argv, which every user of the machine sees."""
+    key = os.environ.get(variable, "").strip()
+    if not key:
+        raise ConfigError(f"--api-key-env {variable}: that environment variable is unset or empty")
+    return key
 
 
 def parse_setting(text: str) -> Any:

@@ -4,12 +4,16 @@
     ├── ConfigError                 a setting is invalid (CLI: one line, exit 1)
     ├── ModelLoadError              the model, its weights or its labels cannot be loaded
     ├── ClientError                 the client got no answer, or a non-200 answer, from a server
-    └── RequestError                one request is bad; carries the HTTP status it maps to
+    └── RequestError                one request gets no answer; carries the HTTP status it maps to
         ├── InvalidRequestError     400: malformed body, missing field, bad top_k
         ├── InvalidImageError       400: the bytes are not a decodable image
         ├── PayloadTooLargeError    413: body or pixel count over the limit
         ├── UnsupportedMediaError   415: content type or image format not accepted
-        └── OverloadedError         503: the queue is at its limit; carries Retry-After
+        ├── UnavailableError        503, with Retry-After
+        │   ├── OverloadedError     the queue is at its limit
+        │   └── WorkerLostError     the worker with the request died (it is being replaced)
+        ├── AnswerTimeoutError      504: no answer within the request timeout
+        └── ClientGoneError         499: the client disconnected before its answer (never sent)
 
 A RequestError raised while handling one item of a batch is returned as a value for that item,
 never raised across the batch, so one bad image costs only its own request.
@@ -39,8 +43,8 @@ class ClientError(TimmServeError):
 
 
 class RequestError(TimmServeError):
-    """One request is bad. `detail` says what was wrong, in words meant for the client; `headers`
-    go on the error response."""
+    """One request gets no answer: it is bad, or the server cannot serve it now. `detail` says why,
+    in words meant for the client; `headers` go on the error response."""
 
     status_code = 400
 
@@ -66,9 +70,27 @@ class UnsupportedMediaError(RequestError):
     status_code = 415
 
 
-class OverloadedError(RequestError):
+class UnavailableError(RequestError):
+    """503: the server cannot take this request now; Retry-After says when to try again."""
+
     status_code = 503
 
     def __init__(self, detail: str, *, retry_after: int) -> None:
         super().__init__(detail)
         self.headers["Retry-After"] = str(retry_after)
+
+
+class OverloadedError(UnavailableError):
+    pass
+
+
+class WorkerLostError(UnavailableError):
+    pass
+
+
+class AnswerTimeoutError(RequestError):
+    status_code = 504
+
+
+class ClientGoneError(RequestError):
+    status_code = 499  # nginx's "client closed request": only ever seen in logs and metrics

@@ -107,11 +107,15 @@ PREDICT = {
             "content type 'text/plain' is not accepted; send application/json, image/*, "
             "application/octet-stream or multipart/form-data",
         ),  # fmt: skip
+        401: _error(
+            "an API key is required (--api-key-env) and was missing or wrong",
+            "missing or wrong API key: send it as X-API-Key or Authorization: Bearer",
+        ),
         503: _error(
-            "the queue is at --max-queue; retry after Retry-After seconds",
+            "the queue is at --max-queue, or the worker holding the image died; retry after Retry-After seconds",
             "the server is at its limit of 128 queued images; retry later",
         ),
-        504: _error("waited in the queue longer than --timeout", "Request timed out"),
+        504: _error("no answer within --timeout", "no answer within the server's request timeout of 30 s"),
     },
 }
 
@@ -190,6 +194,7 @@ _SIMPLE = {
         {200: {"description": "every worker loaded the model and warmed up"}, 503: {"description": "not ready yet"}},
     ),  # fmt: skip
     "/info": ("Model and configuration", {200: {"description": "model name, weights, classes, data config, settings"}}),
+    "/metrics": ("Prometheus metrics, over all processes", {200: {"description": "text exposition format"}}),
     "/v2": ("OIP server metadata", {200: {"description": "name, version, extensions"}}),
     "/v2/health/live": ("OIP liveness", {200: {"description": "the server answers"}}),
     "/v2/health/ready": ("OIP readiness", {200: {"description": "ready"}, 503: {"description": "not ready yet"}}),

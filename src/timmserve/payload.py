@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from timmserve.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaError
+from timmserve.errors import ClientGoneError, InvalidRequestError, PayloadTooLargeError, UnsupportedMediaError
 
 ACCEPTED_CONTENT_TYPES = "application/json, image/*, application/octet-stream or multipart/form-data"
 
@@ -71,11 +71,14 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLargeError(f"the body is {int(declared):,} bytes; the limit is {max_bytes:,}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLargeError(f"the body is over the limit of {max_bytes:,} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLargeError(f"the body is over the limit of {max_bytes:,} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGoneError("the client disconnected while sending its body") from None
     return b"".join(chunks)
 
 

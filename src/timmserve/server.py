@@ -1,24 +1,38 @@
 """Assemble and run the LitServer: the model is checked in this process first, so a bad name, file
-or label list is one clear error before any worker starts; then the workers load it for real."""
+or label list is one clear error before any worker starts; then the workers load it for real.
+
+Process tree: this main process (LitServe's supervisor), a multiprocessing manager (queues), the
+API servers (uvicorn, forked) and the inference workers (spawned). A worker that dies is replaced
+by LitServe's monitor (`restart_workers`): the other workers keep serving meanwhile, `/health`
+answers 503 until the new one is ready, and requests that were on the dead worker get 503.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import socket
+import threading
+import time
 from importlib.resources import files
+from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
 import litserve as ls
 import torch
+from litserve.loops.base import _SENTINEL_VALUE  # LitServe's own stop signal for a worker loop (pinned version)
 from starlette.responses import HTMLResponse
 
 from timmserve import openapi
-from timmserve.api import ClassifierAPI
+from timmserve.api import PREDICT_PATH, ClassifierAPI
 from timmserve.config import ServeConfig
 from timmserve.errors import ModelLoadError
 from timmserve.labels import load_labels
+from timmserve.logs import configure_logging
+from timmserve.metrics import metrics_directory
+from timmserve.middleware import ApiKeyAuth, RequestContext
 from timmserve.model import check_precision_supported, load_model
 
 logger = logging.getLogger(__name__)
@@ -32,8 +46,123 @@ def resolve_accelerator(config: ServeConfig) -> str:
     return config.accelerator
 
 
-def build_server(config: ServeConfig) -> ls.LitServer:
-    """A LitServer for the config; raises ModelLoadError for anything wrong with model or labels."""
+class TimmServer(ls.LitServer):
+    """LitServer with a shutdown that loses no admitted request.
+
+    LitServe stops its API servers one after another, each with the full grace period, while its
+    monitor may restart the workers being stopped, and it stops workers with SIGTERM. Here: the
+    monitor is stopped first; every API server is told at once to stop accepting and finish what
+    it has (uvicorn's graceful shutdown), within one shared grace period, while the workers keep
+    answering; then each worker gets LitServe's stop sentinel on its queue; then the manager
+    stops. The children ignore SIGTERM and SIGINT themselves (see `stop_on_signals`), so a signal
+    sent to the whole process group (Ctrl-C, systemd) drains the same way."""
+
+    grace_period: float = 30.0
+
+    def _start_server(self, port: int, num_servers: int, log_level: str, sockets: list[socket.socket],
+                      worker_type: str, **kwargs: Any) -> dict[int, BaseProcess | threading.Thread]:  # fmt: skip
+        self.uvicorn_graceful_timeout = self.grace_period
+        self._listening_sockets = sockets
+        return super()._start_server(port, num_servers, log_level, sockets, worker_type, **kwargs)
+
+    def _init_manager(self, num_api_servers: int) -> Any:
+        # LitServe forks its manager process after binding the port. Left open there, the port
+        # would keep accepting connections during a drain that nobody will ever answer.
+        forking_manager = True
+
+        def close_server_sockets_in_manager() -> None:
+            if forking_manager:
+                _close_server_sockets()
+
+        os.register_at_fork(after_in_child=close_server_sockets_in_manager)
+        try:
+            return super()._init_manager(num_api_servers)
+        finally:
+            forking_manager = False
+
+    def launch_single_inference_worker(self, lit_api: ls.LitAPI, worker_id: int) -> BaseProcess:
+        """LitServe's monitor calls this only to replace a worker that died (and logs it at info level only)."""
+        dead = self.inference_workers[worker_id]
+        logger.error(
+            "inference worker %d (pid %s) died with exit code %s; starting a replacement",
+            worker_id, dead.pid, dead.exitcode,
+        )  # fmt: skip
+        return super().launch_single_inference_worker(lit_api, worker_id)
+
+    def _perform_graceful_shutdown(
+        self,
+        manager: Any,
+        uvicorn_workers: dict[int, BaseProcess | threading.Thread],
+        shutdown_reason: str = "normal",
+    ) -> None:
+        # The signal usually interrupts the main thread inside a manager call (LitServe waits on
+        # a manager Event), which leaves this thread's manager connection out of step: the next
+        # call on it would block for ever. The drain runs on a thread with a connection of its own.
+        api_servers = [w for w in uvicorn_workers.values() if isinstance(w, BaseProcess) and w.is_alive()]
+        drain = threading.Thread(target=self._drain, args=(manager, api_servers), name="timmserve-shutdown")
+        drain.start()
+        try:
+            drain.join()
+        except KeyboardInterrupt:  # a second SIGINT/SIGTERM: stop now
+            logger.warning("second stop signal: killing the server's processes")
+            for process in [*api_servers, *self.inference_workers]:
+                process.kill()
+            drain.join()
+
+    def _drain(self, manager: Any, api_servers: list[BaseProcess]) -> None:
+        started = time.monotonic()
+        logger.info("shutting down: draining in-flight requests", extra={"grace_period_s": self.grace_period})
+        self._shutdown_event.set()  # LitServe's monitor: no more restarts
+        for sock in getattr(self, "_listening_sockets", []):
+            sock.close()  # this process's copy: once the API servers close theirs, the port is free
+        for process in api_servers:
+            process.terminate()  # SIGTERM: uvicorn stops accepting, finishes in-flight requests
+        _join_or_kill(api_servers, started + self.grace_period, "API server")
+        drained = time.monotonic() - started
+        request_queue = self._get_request_queue(PREDICT_PATH)
+        for _ in self.inference_workers:
+            request_queue.put(_SENTINEL_VALUE)  # the worker's loop returns when it takes one
+        _join_or_kill(self.inference_workers, time.monotonic() + 5, "inference worker")
+        manager.shutdown()
+        logger.info("stopped", extra={"drain_s": round(drained, 2), "total_s": round(time.monotonic() - started, 2)})
+
+
+def _close_server_sockets() -> None:
+    """Close every inherited TCP socket that is bound but not connected: a server's socket, listening
+    or about to (uvicorn calls listen() only in the API servers). Linux: found through /proc."""
+    fd_dir = "/proc/self/fd"
+    if not os.path.isdir(fd_dir):
+        return
+    for name in os.listdir(fd_dir):
+        try:
+            sock = socket.socket(fileno=int(name))
+        except OSError:  # not a socket, or the directory's own descriptor, gone already
+            continue
+        server_socket = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+        if server_socket:
+            try:
+                sock.getpeername()
+                server_socket = False  # connected: not a server socket
+            except OSError:
+                pass
+        fd = sock.detach()
+        if server_socket:
+            os.close(fd)
+
+
+def _join_or_kill(processes: list[BaseProcess], deadline: float, kind: str) -> None:
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            logger.warning("%s %s did not stop in time; killing it", kind, process.pid)
+            process.kill()
+            process.join()
+
+
+def build_server(config: ServeConfig) -> TimmServer:
+    """A server for the config; raises ConfigError or ModelLoadError for anything wrong with the
+    settings, the model or the labels."""
+    api_key = config.api_key()
     accelerator = resolve_accelerator(config)
     check_precision_supported(torch.device(accelerator), config.precision)
     loaded = load_model(config)
@@ -41,16 +170,22 @@ def build_server(config: ServeConfig) -> ls.LitServer:
     del loaded  # the workers load their own copy; this one only proved that loading works
     labels = load_labels(info.num_classes, label_file=config.labels, model_label_names=info.label_names)
     metadata: dict[str, Any] = {**info.as_dict(), "labels": len(labels), "config": config.as_dict()}
-    server = ls.LitServer(
+    server = TimmServer(
         ClassifierAPI(config, info, labels),
         accelerator=accelerator,
         devices=config.devices or "auto",
         workers_per_device=config.workers_per_device,
-        timeout=config.timeout,
+        timeout=False,  # ClassifierSpec owns the end-to-end request timeout
         model_metadata=metadata,
+        restart_workers=True,
     )
+    server.grace_period = config.grace_period
     _serve_demo_page(server)
     openapi.document(server.app)
+    known_paths = frozenset(route.path for route in server.app.routes if "{" not in getattr(route, "path", "{"))
+    if api_key is not None:
+        server.app.add_middleware(ApiKeyAuth, api_key=api_key)
+    server.app.add_middleware(RequestContext, known_paths=known_paths)  # outermost: added last
     return server
 
 
@@ -66,39 +201,43 @@ def _serve_demo_page(server: ls.LitServer) -> None:
 
 
 def run_server(config: ServeConfig) -> None:
-    """Serve until SIGINT or SIGTERM."""
-    server = build_server(config)
-    # LitServe shuts down cleanly on KeyboardInterrupt only: without this, SIGTERM leaves the
-    # API-server and worker processes alive, holding the port.
-    stop_on_signals()
-    try:
-        server.run(
-            host=config.host,
-            port=config.port,
-            num_api_servers=config.api_servers,
-            log_level=config.log_level,
-            generate_client_file=False,
-        )
-    except RuntimeError as exc:
-        if "workers failed to start" in str(exc):
-            raise ModelLoadError("an inference worker failed to start; its error is in the log above") from None
-        raise
+    """Serve until SIGINT or SIGTERM, then drain (see TimmServer)."""
+    log_config = configure_logging(config.log_level, config.log_format)
+    with metrics_directory():
+        server = build_server(config)
+        # LitServe shuts down cleanly on KeyboardInterrupt only: without this, SIGTERM leaves the
+        # API-server and worker processes alive, holding the port.
+        stop_on_signals()
+        try:
+            server.run(
+                host=config.host,
+                port=config.port,
+                num_api_servers=config.api_servers,
+                log_level=config.log_level,
+                generate_client_file=False,
+                access_log=False,  # timmserve.access logs each request, with its request id
+                log_config=log_config,
+            )
+        except RuntimeError as exc:
+            if "workers failed to start" in str(exc):
+                raise ModelLoadError("an inference worker failed to start; its error is in the log above") from None
+            raise
 
 
 def stop_on_signals() -> None:
     """SIGTERM and SIGINT raise KeyboardInterrupt in this process, so `finally` blocks and context
     managers clean up. SIGINT is set too because a shell starts background jobs with SIGINT
-    ignored. Forked children (LitServe's API servers) get the defaults back, so uvicorn's own
-    graceful shutdown runs there."""
+    ignored. Forked children (LitServe's manager and API servers) ignore both: the API servers'
+    uvicorn installs its own graceful handlers, and the manager must outlive the drain."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _raise_keyboard_interrupt)
-    os.register_at_fork(after_in_child=_restore_default_signals)
+    os.register_at_fork(after_in_child=_ignore_stop_signals)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _restore_default_signals() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+def _ignore_stop_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

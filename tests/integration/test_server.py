@@ -75,38 +75,6 @@ def test_raw_image_body_with_top_k(server, photos):
     assert len(response.json()["predictions"]) == 2
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "status", "words"),
-    [
-        ({"content": b"not an image at all", "headers": {"Content-Type": "image/jpeg"}}, 400, "not an image"),
-        ({"content": b"{oops", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
-        ({"json": {"picture": "x"}}, 400, '"image"'),
-        ({"json": {"image": "***"}}, 400, "base64"),
-        ({"json": {"image": 5}}, 400, "base64 string"),
-        ({"content": b"x=1", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 415, "not accepted"),
-        ({"content": b"", "headers": {"Content-Type": "application/octet-stream"}}, 400, "empty"),
-    ],
-)
-def test_bad_requests_get_a_clear_4xx(server, kwargs, status, words):
-    response = httpx.post(f"{server.url}/predict", timeout=60, **kwargs)
-    assert response.status_code == status
-    assert words in response.json()["detail"]
-
-
-def test_bad_top_k_and_truncated_image(server, photos):
-    response = predict_raw(server.url, photos["cat"], top_k=0)
-    assert response.status_code == 400 and "top_k" in response.json()["detail"]
-    response = predict_raw(server.url, photos["cat"][: len(photos["cat"]) // 3])
-    assert response.status_code == 400 and "truncated" in response.json()["detail"]
-
-
-def test_body_over_the_limit_is_413(start_server, batched_server):
-    too_big = b"\xff" * (20 * 1024 * 1024 + 1)
-    response = predict_raw(batched_server.url, too_big)
-    assert response.status_code == 413
-    assert "limit" in response.json()["detail"]
-
-
 def test_one_garbage_image_in_a_batch_fails_only_itself(batched_server, photos):
     bodies = [photos["cat"], photos["espresso"], photos["rocket"], photos["grace_hopper"]] * 2
     bodies[5] = b"\x89PNG\r\n\x1a\n but not really"

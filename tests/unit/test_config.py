@@ -19,6 +19,9 @@ from timmserve.errors import ConfigError
         ({"model": "resnet18", "checkpoint": Path("w.pth"), "random_weights": True}, "contradict"),
         ({"precision": "fp16", "accelerator": "cpu"}, "fp16 needs a CUDA device"),
         ({"batch_timeout": -1}, "batch timeout"),
+        ({"grace_period": -1}, "grace period"),
+        ({"log_format": "xml"}, "log format must be one of"),
+        ({"api_key_env": " "}, "needs a variable name"),
     ],
 )
 def test_invalid_settings_are_one_clear_error(kwargs, words):
@@ -75,3 +78,14 @@ def test_queue_limit_defaults_to_four_batches_per_worker_and_at_least_128():
     assert ServeConfig(max_queue=3).queue_limit() == 3
     with pytest.raises(ConfigError, match="max queue"):
         ServeConfig(max_queue=0)
+
+
+def test_the_api_key_comes_from_the_named_variable_only(monkeypatch):
+    assert ServeConfig().api_key() is None
+    monkeypatch.setenv("MY_KEY", " k3y\n")
+    config = ServeConfig(api_key_env="MY_KEY")
+    assert config.api_key() == "k3y"
+    assert "k3y" not in " ".join(config.to_cli_args())  # the name travels, never the key
+    monkeypatch.setenv("MY_KEY", "")
+    with pytest.raises(ConfigError, match="MY_KEY: that environment variable is unset or empty"):
+        config.api_key()

@@ -1,0 +1,132 @@
+"""What wraps every HTTP request, as plain ASGI middleware (no per-request task or body buffering):
+
+- RequestContext (outermost): a request id (the client's `X-Request-ID` when it is a sane token,
+  else a new one) on the response and in the access log line, the request counter and latency
+  histogram by endpoint and status.
+- ApiKeyAuth: with an API key set, every route but the probes and the static pages answers 401
+  without it. The key is compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from timmserve import metrics
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+REQUEST_ID_HEADER = "X-Request-ID"
+API_KEY_HEADER = "X-API-Key"
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Load balancers and orchestrators probe these without credentials; the pages carry no data.
+OPEN_PATHS = frozenset({"/", "/health", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json"})
+
+access_log = logging.getLogger("timmserve.access")
+
+
+def endpoint_label(path: str, known_paths: frozenset[str]) -> str:
+    """The route a path belongs to, for metric labels: few values, whatever clients send."""
+    if path in known_paths:
+        return path
+    if path.startswith("/v2/models/"):
+        tail = path.rsplit("/", 1)[-1]
+        return "/v2/models/{model}/" + tail if tail in ("infer", "ready") else "/v2/models/{model}"
+    return "other"
+
+
+def request_id_of(scope: Scope) -> str:
+    """The id RequestContext gave this request."""
+    return scope.get("state", {}).get("request_id", "-")
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp, known_paths: frozenset[str]) -> None:
+        self.app = app
+        self.known_paths = known_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        given = _header(scope, REQUEST_ID_HEADER)
+        request_id = given if given and _SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500  # unless a response starts: an exception escaped the app
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            endpoint = endpoint_label(scope["path"], self.known_paths)
+            http = metrics.http_metrics()
+            http.requests.labels(endpoint, str(status)).inc()
+            http.duration.labels(endpoint).observe(elapsed)
+            access_log.info(
+                "%s %s %d",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={
+                    "request_id": request_id,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "client": (scope.get("client") or ("-",))[0],
+                },
+            )
+
+
+class ApiKeyAuth:
+    """Accepts `X-API-Key: KEY` or `Authorization: Bearer KEY`."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"detail": "missing or wrong API key: send it as X-API-Key or Authorization: Bearer"})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body.encode()})
+
+    def _authorized(self, scope: Scope) -> bool:
+        given = _header(scope, API_KEY_HEADER)
+        if given is None:
+            authorization = _header(scope, "Authorization") or ""
+            scheme, _, token = authorization.partition(" ")
+            given = token.strip() if scheme.lower() == "bearer" else None
+        return given is not None and hmac.compare_digest(given.encode(), self.api_key)
+
+
+def _header(scope: Scope, name: str) -> str | None:
+    wanted = name.lower().encode()
+    for key, value in scope.get("headers", []):
+        if key.lower() == wanted:
+            return value.decode("latin-1")
+    return None

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from timmserve.logs import JsonFormatter, TextFormatter
+from timmserve.middleware import ApiKeyAuth, RequestContext, endpoint_label, request_id_of
+
+KNOWN = frozenset({"/predict", "/health", "/metrics"})
+
+
+async def echo_id(request):
+    return PlainTextResponse(request_id_of(request.scope))
+
+
+@pytest.fixture
+def client() -> TestClient:
+    app = Starlette(routes=[Route(path, echo_id) for path in ("/predict", "/health", "/metrics")])
+    app.add_middleware(ApiKeyAuth, api_key="k3y")
+    app.add_middleware(RequestContext, known_paths=KNOWN)
+    return TestClient(app)
+
+
+@pytest.mark.parametrize(
+    ("path", "label"),
+    [
+        ("/predict", "/predict"),
+        ("/v2/models/resnet/infer", "/v2/models/{model}/infer"),
+        ("/v2/models/x/ready", "/v2/models/{model}/ready"),
+        ("/v2/models/anything", "/v2/models/{model}"),
+        ("/wp-admin.php", "other"),
+    ],
+)
+def test_endpoint_labels_stay_few_whatever_the_path(path, label):
+    assert endpoint_label(path, KNOWN) == label
+
+
+def test_the_key_is_required_except_on_open_paths(client):
+    assert client.get("/health").status_code == 200
+    for headers in ({}, {"X-API-Key": "k3y "}, {"X-API-Key": "K3Y"}, {"Authorization": "Basic k3y"}):
+        response = client.get("/predict", headers=headers)
+        assert response.status_code == 401, headers
+        assert response.headers["WWW-Authenticate"] == "Bearer" and "API key" in response.json()["detail"]
+    assert client.get("/metrics", headers={"X-API-Key": "k3y"}).status_code == 200
+    assert client.get("/metrics", headers={"Authorization": "bearer k3y"}).status_code == 200
+
+
+def test_request_id_is_kept_when_sane_and_made_when_not(client):
+    headers = {"X-API-Key": "k3y"}
+    kept = client.get("/predict", headers={**headers, "X-Request-ID": "abc-123"})
+    assert kept.headers["X-Request-ID"] == "abc-123" == kept.text  # the endpoint saw the same id
+    made = client.get("/predict", headers={**headers, "X-Request-ID": "x" * 200})
+    assert made.headers["X-Request-ID"] != "x" * 200 and len(made.headers["X-Request-ID"]) == 32
+    refused = client.get("/predict")
+    assert refused.status_code == 401 and refused.headers["X-Request-ID"]  # 401s carry an id too
+
+
+def _record(**extra) -> logging.LogRecord:
+    record = logging.LogRecord("timmserve.access", logging.INFO, __file__, 1, "POST %s %d", ("/predict", 200), None)
+    record.__dict__.update(extra)
+    return record
+
+
+def test_json_logs_are_one_object_with_the_extra_fields():
+    entry = json.loads(JsonFormatter().format(_record(request_id="r1", status=200, color_message="x")))
+    assert entry["message"] == "POST /predict 200" and entry["request_id"] == "r1" and entry["status"] == 200
+    assert entry["level"] == "info" and entry["logger"] == "timmserve.access" and entry["time"].endswith("Z")
+    assert "color_message" not in entry
+
+
+def test_text_logs_end_with_the_fields_as_key_value():
+    line = TextFormatter().format(_record(request_id="r1", duration_ms=1.5))
+    assert line.endswith("timmserve.access: POST /predict 200 request_id=r1 duration_ms=1.5")
