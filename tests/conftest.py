@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,9 +21,7 @@ def photos() -> dict[str, bytes]:
     return {path.stem: path.read_bytes() for path in sorted(DATA.glob("*.jpg"))}
 
 
-@pytest.fixture(scope="session")
-def start_server() -> Iterator:
-    """Factory: start_server(*cli_args) → ServerProcess, all stopped at the end of the session."""
+def _server_factory() -> tuple[Callable[..., ServerProcess], Callable[[], None]]:
     started: list[ServerProcess] = []
 
     def start(*args: str) -> ServerProcess:
@@ -31,6 +29,25 @@ def start_server() -> Iterator:
         started.append(server)
         return server
 
+    def stop_all() -> None:
+        for server in started:
+            server.stop()
+
+    return start, stop_all
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., ServerProcess]]:
+    """Factory: start_server(*cli_args) → ServerProcess, stopped when the test ends (an idle server
+    still costs CPU, and CI has two cores)."""
+    start, stop_all = _server_factory()
     yield start
-    for server in started:
-        server.stop()
+    stop_all()
+
+
+@pytest.fixture(scope="module")
+def start_module_server() -> Iterator[Callable[..., ServerProcess]]:
+    """The same, for servers a whole module shares; stopped when the module ends."""
+    start, stop_all = _server_factory()
+    yield start
+    stop_all()

@@ -42,7 +42,15 @@ from timmserve.errors import AnswerTimeoutError, ClientGoneError, RequestError, 
 from timmserve.logs import configure_logging
 from timmserve.middleware import request_id_of
 from timmserve.model import ModelInfo
-from timmserve.payload import ImageRequest, PayloadLimits, Prediction, check_top_k, parse_predict_request, read_body
+from timmserve.payload import (
+    ImageRequest,
+    PayloadLimits,
+    Prediction,
+    check_top_k,
+    parse_predict_request,
+    predictions_body,
+    read_body,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -324,7 +332,7 @@ class ClassifierAPI(ls.LitAPI):
     def encode_response(self, output: Result) -> dict[str, Any] | RequestError:
         if isinstance(output, RequestError):
             return output  # ClassifierSpec answers it with its own status code
-        return {"predictions": [{"label": p.label, "probability": p.probability} for p in output]}
+        return predictions_body(output)
 
 
 # The answer for an image whose request has gone: no one receives it.

@@ -42,6 +42,11 @@ class Prediction:
     probability: float
 
 
+def predictions_body(predictions: list[Prediction]) -> dict[str, Any]:
+    """The 200 answer of `POST /predict`."""
+    return {"predictions": [{"label": p.label, "probability": p.probability} for p in predictions]}
+
+
 @dataclass(frozen=True)
 class PayloadLimits:
     max_body_bytes: int

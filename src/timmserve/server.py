@@ -33,7 +33,7 @@ from timmserve.labels import load_labels
 from timmserve.logs import configure_logging
 from timmserve.metrics import metrics_directory
 from timmserve.middleware import ApiKeyAuth, RequestContext
-from timmserve.model import check_precision_supported, load_model
+from timmserve.model import ModelInfo, check_precision_supported, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -159,17 +159,22 @@ def _join_or_kill(processes: list[BaseProcess], deadline: float, kind: str) -> N
             process.join()
 
 
+def check_model(config: ServeConfig, accelerator: str) -> tuple[ModelInfo, list[str], dict[str, Any]]:
+    """Load the model and its labels once in this process, so that anything wrong is one clear
+    error before any worker or replica starts; returns its info, labels and /info metadata."""
+    check_precision_supported(torch.device(accelerator), config.precision)
+    info = load_model(config).info  # the workers load their own copy; this one only proves it loads
+    labels = load_labels(info.num_classes, label_file=config.labels, model_label_names=info.label_names)
+    metadata: dict[str, Any] = {**info.as_dict(), "labels": len(labels), "config": config.as_dict()}
+    return info, labels, metadata
+
+
 def build_server(config: ServeConfig) -> TimmServer:
     """A server for the config; raises ConfigError or ModelLoadError for anything wrong with the
     settings, the model or the labels."""
     api_key = config.api_key()
     accelerator = resolve_accelerator(config)
-    check_precision_supported(torch.device(accelerator), config.precision)
-    loaded = load_model(config)
-    info = loaded.info
-    del loaded  # the workers load their own copy; this one only proved that loading works
-    labels = load_labels(info.num_classes, label_file=config.labels, model_label_names=info.label_names)
-    metadata: dict[str, Any] = {**info.as_dict(), "labels": len(labels), "config": config.as_dict()}
+    info, labels, metadata = check_model(config, accelerator)
     server = TimmServer(
         ClassifierAPI(config, info, labels),
         accelerator=accelerator,

@@ -24,8 +24,8 @@ TINY = ServeConfig(model="test_efficientnet", random_weights=True)
 
 
 @pytest.fixture(scope="module")
-def tiny_server(start_server):
-    return start_server("--model", "test_efficientnet", "--random-weights", "--max-batch-size", "4")
+def tiny_server(start_module_server):
+    return start_module_server("--model", "test_efficientnet", "--random-weights", "--max-batch-size", "4")
 
 
 def test_ceilings_are_positive_and_ordered(photos):

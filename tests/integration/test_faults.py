@@ -86,8 +86,8 @@ BAD_INPUTS = [
 
 
 @pytest.fixture(scope="module")
-def server(start_server):
-    return start_server("--max-batch-size", "8", "--batch-timeout", "0.01", "--max-body-bytes", str(MAX_BODY))
+def server(start_module_server):
+    return start_module_server("--max-batch-size", "8", "--batch-timeout", "0.01", "--max-body-bytes", str(MAX_BODY))
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ MODEL = "tf_efficientnet_lite0"
 
 
 @pytest.fixture(scope="module")
-def server(start_server):
-    return start_server("--max-batch-size", "8", "--batch-timeout", "0.05")
+def server(start_module_server):
+    return start_module_server("--max-batch-size", "8", "--batch-timeout", "0.05")
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,14 @@ UNBATCHED = ("--max-batch-size", "1")
 
 
 @pytest.fixture(scope="module")
-def batched_server(start_server):
-    return start_server(*BATCHED)
+def batched_server(start_module_server):
+    return start_module_server(*BATCHED)
 
 
 @pytest.fixture(scope="module", params=["batched", "unbatched"])
-def server(request, start_server, batched_server):
+def server(request, start_module_server, batched_server):
     """The HTTP contract holds with batching on and off."""
-    return batched_server if request.param == "batched" else start_server(*UNBATCHED)
+    return batched_server if request.param == "batched" else start_module_server(*UNBATCHED)
 
 
 def predict_raw(url: str, data: bytes, **params) -> httpx.Response:
