@@ -8,6 +8,8 @@ ARG BASE=python:3.11-slim
 FROM ${BASE}
 
 ARG MODEL=""
+# Optional extras, e.g. EXTRAS=ray for `--engine ray` and the KubeRay example.
+ARG EXTRAS=""
 ARG TORCH_PAIR="torch==2.14.1 torchvision==0.29.1"
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     HF_HOME=/home/timmserve/.cache/huggingface
@@ -26,7 +28,7 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install ${TORCH_PAIR} \
-    && /opt/venv/bin/pip install .
+    && /opt/venv/bin/pip install ".${EXTRAS:+[$EXTRAS]}"
 ENV PATH=/opt/venv/bin:$PATH
 
 USER timmserve

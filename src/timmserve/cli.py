@@ -20,6 +20,7 @@ from click.core import ParameterSource
 from timmserve.client import DEFAULT_URL
 from timmserve.config import (
     ACCELERATORS,
+    ENGINES,
     HOSTS,
     LADDER,
     LOG_LEVELS,
@@ -75,6 +76,15 @@ def model_options(command: Callable) -> Callable:
     help="TOML file with settings named like these options (flags given here win).",
 )
 @model_options
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default=_DEFAULTS["engine"],
+    show_default=True,
+    help="litserve: one machine. ray: Ray Serve replicas on one machine or a cluster (pip install 'timmserve[ray]').",
+)
+@click.option("--ray-address", help="Join this Ray cluster (default: start a local Ray instance).")
+@click.option("--ray-max-replicas", type=int, help="Ray: autoscale from the replica count up to this many.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=_DEFAULTS["precision"], show_default=True)
 @click.option("--channels-last", is_flag=True, help="NHWC memory format for the model and its inputs.")
 @click.option("--accelerator", type=click.Choice(ACCELERATORS), default=_DEFAULTS["accelerator"], show_default=True)
@@ -151,9 +161,19 @@ def model_options(command: Callable) -> Callable:
 @click.pass_context
 def serve(ctx: click.Context, config_file: Path | None, **options: Any) -> None:
     """Serve a timm classifier: POST /predict, GET /health, GET /info."""
+    config = _serve_config(ctx, config_file, options)
+    if config.engine == "ray":
+        try:
+            from timmserve.ray_engine import run_ray_server  # heavy: torch, timm, ray
+        except ModuleNotFoundError as exc:
+            if exc.name != "ray":
+                raise
+            raise ConfigError("--engine ray needs Ray Serve: pip install 'timmserve[ray]'") from None
+        run_ray_server(config)
+        return
     from timmserve.server import run_server  # heavy: torch, timm, litserve
 
-    run_server(_serve_config(ctx, config_file, options))
+    run_server(config)
 
 
 def _serve_config(ctx: click.Context, config_file: Path | None, options: dict[str, Any]) -> ServeConfig:

@@ -20,6 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+ENGINES: tuple[str, ...] = ("litserve", "ray")
 Precision = Literal["fp32", "fp16", "bf16"]
 Accelerator = Literal["auto", "cpu", "cuda"]
 
@@ -46,7 +47,12 @@ class ServeConfig:
     # NHWC memory format: often faster for convnets on CPU (oneDNN) and on tensor cores.
     channels_last: bool = False
 
-    # --- devices and workers ---
+    # --- engine: LitServe on one machine, or Ray Serve on one or many ---
+    engine: str = "litserve"
+    ray_address: str | None = None  # join this Ray cluster (e.g. "ray://head:10001"); None: start one
+    ray_max_replicas: int | None = None  # autoscale from the replica count up to this; None: fixed
+
+    # --- devices and workers (Ray: replicas = workers per device × devices) ---
     accelerator: Accelerator = "auto"
     devices: int | None = None  # None: every device of the accelerator
     workers_per_device: int = 1
@@ -83,6 +89,15 @@ class ServeConfig:
         _check(self.accelerator in ACCELERATORS, f"accelerator must be one of {', '.join(ACCELERATORS)}")
         _check(self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}")
         _check(self.log_format in LOG_FORMATS, f"log format must be one of {', '.join(LOG_FORMATS)}")
+        _check(self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}")
+        _check(
+            self.ray_max_replicas is None or self.ray_max_replicas >= self.workers_per_device * (self.devices or 1),
+            "--ray-max-replicas must be at least the starting replica count (workers per device × devices)",
+        )
+        _check(
+            self.engine == "ray" or (self.ray_address is None and self.ray_max_replicas is None),
+            "--ray-address and --ray-max-replicas need --engine ray",
+        )
         _check(self.host in HOSTS, f"host must be one of {', '.join(HOSTS)} (LitServe binds only these)")
         _check(1024 <= self.port <= 65535, "port must be between 1024 and 65535")
         _check(self.max_batch_size >= 1, "max batch size must be at least 1")

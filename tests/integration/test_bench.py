@@ -35,8 +35,9 @@ def test_ceilings_are_positive_and_ordered(photos):
         assert [row["batch_size"] for row in ceilings[kind]] == [1, 4]
         assert all(row["img_per_s"] > 0 for row in ceilings[kind])
     for model_row, pipeline_row in zip(ceilings["model"], ceilings["pipeline"]):
-        # The pipeline does the model's work plus decoding: it cannot be much faster (noise aside).
-        assert pipeline_row["img_per_s"] < model_row["img_per_s"] * 1.5
+        # The pipeline does the model's work plus decoding: it cannot be much faster. The margin is
+        # wide because the two are measured one after the other on a shared, noisy machine.
+        assert pipeline_row["img_per_s"] < model_row["img_per_s"] * 3
 
 
 def test_open_loop_counts_add_up_with_a_known_share_of_errors(tiny_server, photos):

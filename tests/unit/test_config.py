@@ -22,6 +22,9 @@ from timmserve.errors import ConfigError
         ({"grace_period": -1}, "grace period"),
         ({"log_format": "xml"}, "log format must be one of"),
         ({"api_key_env": " "}, "needs a variable name"),
+        ({"engine": "triton"}, "engine must be one of"),
+        ({"ray_address": "auto"}, "need --engine ray"),
+        ({"engine": "ray", "workers_per_device": 2, "ray_max_replicas": 1}, "at least the starting replica count"),
     ],
 )
 def test_invalid_settings_are_one_clear_error(kwargs, words):

@@ -89,3 +89,14 @@ def test_load_is_shared_between_client_processes():
     assert open_spec.share(1, 3).rate == 3.0
     with pytest.raises(ValueError):
         LoadSpec(url="u", bodies=(b"x",), duration=1)
+
+
+def test_the_ray_rung_serves_the_rungs_before_it_on_ray_and_is_never_in_best(avx2_cpu):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    ladder = Ladder(BenchConfig(serve=BASE, ladder=("batching", "workers", "ray", "best")), "cpu")
+    ray = ladder.config("ray")
+    assert (ray.engine, ray.max_batch_size, ray.workers_per_device) == ("ray", 64, 2)
+    assert ladder.config("workers").engine == "litserve"
+    ladder.decide_best({"batching": 10.0, "workers": 20.0, "ray": 40.0})
+    assert "ray" not in ladder.best_from + ladder.best_left_out
+    assert ladder.config("best").engine == "litserve"

@@ -10,6 +10,7 @@ win (peak req/s not ≥ 5% above the rung before, in the first round).
 from __future__ import annotations
 
 import gc
+import importlib.util
 import platform
 import statistics
 import sys
@@ -44,6 +45,7 @@ CLIENT_BOUND_SHARE = 0.7  # a level served at ≥ 70% of the client's capacity i
 
 BASELINE = "baseline"
 BEST = "best"
+RAY = "ray"
 
 
 def built_in_rungs(accelerator: str) -> dict[str, dict[str, Any]]:
@@ -55,15 +57,23 @@ def built_in_rungs(accelerator: str) -> dict[str, dict[str, Any]]:
         "workers": {"workers_per_device": 2},
         "precision": {"precision": "fp16" if accelerator == "cuda" else "bf16"},
         "decode": {"decode_threads": min(4, psutil.cpu_count() or 1)},
+        # An engine, not an optimisation: the knobs of the rungs before it, served by Ray Serve, so
+        # it compares with the LitServe rung right before it. Never part of `best`.
+        RAY: {"engine": "ray"},
     }
 
 
 def unsupported_rungs(accelerator: str) -> dict[str, str]:
     """Rungs this device cannot run well, with the reason. On a CPU without AVX-512 BF16 or AMX,
     bf16 is emulated: measured here (AVX2 EPYC) it ran the model 14× slower than fp32."""
+    unsupported = {}
     if accelerator != "cuda" and not {"avx512_bf16", "amx_bf16"} & set(_cpu_features()):
-        return {"precision": "this CPU has no native bf16 (AVX-512 BF16 or AMX); force it with --set precision=bf16"}
-    return {}
+        unsupported["precision"] = (
+            "this CPU has no native bf16 (AVX-512 BF16 or AMX); force it with --set precision=bf16"
+        )
+    if importlib.util.find_spec("ray") is None:
+        unsupported[RAY] = "Ray Serve is not installed (pip install 'timmserve[ray]')"
+    return unsupported
 
 
 class Ladder:
@@ -76,8 +86,9 @@ class Ladder:
         unknown = [name for name in config.ladder if name != BEST and name not in rungs]
         if unknown:
             raise ConfigError(f"unknown rung {unknown[0]!r}; known: {', '.join([*rungs, BEST])}")
-        self.skipped = unsupported_rungs(accelerator)
-        self.rungs = {name: knobs for name, knobs in rungs.items() if name not in self.skipped}
+        unsupported = unsupported_rungs(accelerator)
+        self.skipped = {name: why for name, why in unsupported.items() if name in config.ladder}  # reported
+        self.rungs = {name: knobs for name, knobs in rungs.items() if name not in unsupported}
         self.names = tuple(name for name in config.ladder if name not in self.skipped)
         self.base = config.serve
         self.best_knobs: dict[str, Any] | None = None
@@ -98,9 +109,9 @@ class Ladder:
 
     def decide_best(self, peaks: dict[str, float]) -> None:
         """`peaks`: first-round peak req/s per measured rung, in ladder order."""
-        measured = [n for n in self.names if n in peaks]
+        measured = [n for n in self.names if n in peaks and n != RAY]
         losers = {name for before, name in zip(measured, measured[1:]) if peaks[name] < peaks[before] * WIN_MARGIN}
-        candidates = [n for n in self.rungs if n != BASELINE]
+        candidates = [n for n in self.rungs if n not in (BASELINE, RAY)]
         self.best_from = [n for n in candidates if n not in losers]
         self.best_left_out = [n for n in candidates if n in losers]
         knobs = dict(self.rungs[BASELINE])
