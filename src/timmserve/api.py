@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, Response
 
 from timmserve import __version__, metrics, oip
 from timmserve.admission import Admission, Ticket
-from timmserve.classifier import Classifier, Result, build_classifier
+from timmserve.classifier import Classifier, Result, start_worker_classifier
 from timmserve.config import ServeConfig
 from timmserve.errors import AnswerTimeoutError, ClientGoneError, RequestError, WorkerLostError
 from timmserve.logs import configure_logging
@@ -272,10 +272,9 @@ class ClassifierAPI(ls.LitAPI):
         # the API servers first and stops the workers after, so a worker must not die of it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        # CPU workers share the cores; GPU workers barely use intra-op threads, so one rule serves both.
-        torch.set_num_threads(config.torch_threads_per_worker(config.workers_per_device))
-        self.classifier, info = build_classifier(config, self.labels, torch.device(device))
-        self.classifier.warm_up(sorted({1, config.max_batch_size}))
+        self.classifier, info = start_worker_classifier(
+            config, self.labels, torch.device(device), config.workers_per_device
+        )
         load_seconds = time.monotonic() - started
         metrics.worker_metrics().model_load.set(load_seconds)
         logger.info(

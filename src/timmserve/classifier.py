@@ -109,3 +109,15 @@ def build_classifier(config: ServeConfig, labels: Sequence[str], device: torch.d
         decode_threads=config.decode_threads,
     )
     return classifier, loaded.info
+
+
+def start_worker_classifier(
+    config: ServeConfig, labels: Sequence[str], device: torch.device, workers: int
+) -> tuple[Classifier, ModelInfo]:
+    """What a server worker (LitServe) or replica (Ray) runs at start-up: its share of the cores as
+    intra-op threads, the model loaded, one warm-up call per batch size it will see first."""
+    # CPU workers share the cores; GPU workers barely use intra-op threads, so one rule serves both.
+    torch.set_num_threads(config.torch_threads_per_worker(workers))
+    classifier, info = build_classifier(config, labels, device)
+    classifier.warm_up(sorted({1, config.max_batch_size}))
+    return classifier, info

@@ -23,7 +23,7 @@ from ray import serve
 from starlette.responses import JSONResponse, PlainTextResponse
 
 from timmserve.api import RANDOM_WEIGHTS_HEADER
-from timmserve.classifier import Result, build_classifier
+from timmserve.classifier import Result, start_worker_classifier
 from timmserve.config import ServeConfig
 from timmserve.errors import ModelLoadError, RequestError
 from timmserve.logs import configure_logging
@@ -49,9 +49,7 @@ class ClassifierReplica:
 
     def __init__(self, config: ServeConfig, labels: list[str], metadata: dict[str, Any], device: str) -> None:
         configure_logging(config.log_level, config.log_format)
-        torch.set_num_threads(config.torch_threads_per_worker(replica_count(config)))
-        self.classifier, info = build_classifier(config, labels, torch.device(device))
-        self.classifier.warm_up(sorted({1, config.max_batch_size}))
+        self.classifier, info = start_worker_classifier(config, labels, torch.device(device), replica_count(config))
         self.limits = PayloadLimits(config.max_body_bytes, info.num_classes, config.top_k)
         self.metadata = metadata
         replica = serve.get_replica_context().replica_id.unique_id
