@@ -140,16 +140,6 @@ def render(admission: Admission) -> tuple[bytes, str]:
     if _multiprocess():
         multiprocess.MultiProcessCollector(registry)
     else:
-        registry.register(_RegistryCollector(_registry()))
+        registry.register(_registry())  # a registry is itself a collector
     registry.register(AdmissionCollector())
     return generate_latest(registry), CONTENT_TYPE_LATEST
-
-
-class _RegistryCollector:
-    """Collects another registry's metrics into the scrape registry."""
-
-    def __init__(self, source: Any) -> None:
-        self.source = source
-
-    def collect(self) -> Iterator[Any]:
-        return self.source.collect()
