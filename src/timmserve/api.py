@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 
 from timmserve import __version__, metrics, oip
 from timmserve.admission import Admission, Ticket
+from timmserve.batching import DrainingBatchLoop
 from timmserve.classifier import Classifier, Result, start_worker_classifier
 from timmserve.config import ServeConfig
 from timmserve.errors import AnswerTimeoutError, ClientGoneError, RequestError, WorkerLostError
@@ -252,6 +253,7 @@ class ClassifierAPI(ls.LitAPI):
         super().__init__(
             max_batch_size=config.max_batch_size,
             batch_timeout=config.batch_timeout,
+            loop=DrainingBatchLoop() if config.max_batch_size > 1 else "auto",
             spec=ClassifierSpec(
                 limits,
                 model_name=oip_model_name(model_info),

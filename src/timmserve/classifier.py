@@ -2,44 +2,49 @@
 RequestError that explains why that one image could not be classified.
 
 This is the batch function the LitAPI adapts. It never lets one request's bad bytes fail the
-batch: decoding happens per item (in a thread pool: PIL releases the GIL while decoding), the
-good tensors go through the model as one batch with one host→device copy, and failures travel
+batch: decoding happens per item (in a thread pool: PIL releases the GIL while decoding) into
+uint8 tensors; the good ones go to the device as one batch (one host→device copy, from pinned memory
+on CUDA), are normalised there in one op, and run through the inference backend; failures travel
 back as values in their own slots.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from timmserve.backends import Backend, BackendSpec, choose_backend, create_backend, describe_trials
 from timmserve.config import ServeConfig
 from timmserve.errors import ModelLoadError, RequestError
-from timmserve.model import ModelInfo, autocast, check_precision_supported, load_model, prepare_for_inference
+from timmserve.model import LoadedModel, ModelInfo, check_precision_supported, load_model
 from timmserve.payload import ImageRequest, Prediction
-from timmserve.preprocess import Preprocessor
+from timmserve.photos import reference_photos
+from timmserve.preprocess import Normalizer, Preprocessor
 
 Result = list[Prediction] | RequestError
+
+logger = logging.getLogger(__name__)
 
 
 class Classifier:
     def __init__(
         self,
-        model: torch.nn.Module,
+        backend: Backend,
         preprocessor: Preprocessor,
         labels: Sequence[str],
         *,
         device: torch.device,
-        precision: str = "fp32",
         channels_last: bool = False,
         decode_threads: int = 1,
     ) -> None:
-        self.model = model
+        self.backend = backend
         self.preprocessor = preprocessor
+        self.normalizer = Normalizer(preprocessor.data_config, device)
         self.labels = list(labels)
         self.device = device
-        self.precision = precision
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._decode_pool = (
             ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads > 1 else None
@@ -63,18 +68,24 @@ class Classifier:
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax over classes for a preprocessed batch, as fp32 on the CPU."""
-        batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        with autocast(self.device, self.precision):
-            logits = self.model(batch)
-        return logits.float().softmax(dim=1).cpu()
+        """Softmax over classes for a batch of uint8 images (N, C, H, W), as fp32 on the CPU."""
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()  # so the copy below is asynchronous
+        batch = self.normalizer(batch.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
+        return self.backend(batch).float().softmax(dim=1).cpu()
+
+    def logits(self, images: Sequence[bytes]) -> torch.Tensor:
+        """Raw fp32 logits for good images (the accuracy guard compares these across backends)."""
+        batch = torch.stack([self.preprocessor(data) for data in images])
+        with torch.inference_mode():
+            return self.backend(self.normalizer(batch.to(self.device)).contiguous(memory_format=self.memory_format))
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run the model once per batch size so the first real request does not pay for kernel
         selection and allocator growth."""
         channels, height, width = self.preprocessor.data_config["input_size"]
         for batch_size in batch_sizes:
-            self.probabilities(torch.zeros(batch_size, channels, height, width))
+            self.probabilities(torch.zeros(batch_size, channels, height, width, dtype=torch.uint8))
 
     def close(self) -> None:
         if self._decode_pool is not None:
@@ -94,21 +105,61 @@ class Classifier:
 
 def build_classifier(config: ServeConfig, labels: Sequence[str], device: torch.device) -> tuple[Classifier, ModelInfo]:
     """The configured model on `device`, ready to classify: what each server worker runs, and what
-    the benchmark's ceilings measure."""
+    the benchmark's ceilings measure. Backends use the calling thread's torch thread count."""
     check_precision_supported(device, config.precision)
     loaded = load_model(config)
     if loaded.info.num_classes != len(labels):
         raise ModelLoadError(f"the model has {loaded.info.num_classes} classes but {len(labels)} labels were given")
+    preprocessor = Preprocessor(
+        loaded.info.data_config, max_pixels=config.max_image_pixels, fast_decode=config.fast_decode
+    )
+    spec = backend_spec(config, loaded.info, device)
+    name = resolve_backend(config, loaded, device) if config.backend == "auto" else config.backend
     classifier = Classifier(
-        prepare_for_inference(loaded.model, device, config.channels_last),
-        Preprocessor(loaded.info.data_config, max_pixels=config.max_image_pixels),
+        create_backend(name, loaded.model, spec),
+        preprocessor,
         labels,
         device=device,
-        precision=config.precision,
         channels_last=config.channels_last,
         decode_threads=config.decode_threads,
     )
     return classifier, loaded.info
+
+
+def backend_spec(config: ServeConfig, info: ModelInfo, device: torch.device) -> BackendSpec:
+    return BackendSpec(
+        device=device,
+        precision=config.precision,
+        channels_last=config.channels_last,
+        input_size=tuple(info.data_config["input_size"]),
+        threads=torch.get_num_threads(),
+        max_batch_size=config.max_batch_size,
+        cache_dir=config.artifact_cache(),
+    )
+
+
+def resolve_backend(config: ServeConfig, loaded: LoadedModel, device: torch.device) -> str:
+    """`--backend auto`: the fastest installed backend on this machine whose answers on the
+    reference photos agree with eager fp32 (see backends.choose_backend); logged with the trials."""
+    preprocessor = Preprocessor(loaded.info.data_config, max_pixels=config.max_image_pixels)
+    photos = torch.stack([preprocessor(data) for data in reference_photos().values()])
+    inputs = Normalizer(loaded.info.data_config, torch.device("cpu"))(photos)
+    name, trials = choose_backend(loaded.model, backend_spec(config, loaded.info, device), inputs)
+    logger.info("--backend auto chose %s on %s (%s)", name, device, describe_trials(trials))
+    return name
+
+
+def prepare_backend(config: ServeConfig, loaded: LoadedModel, device: torch.device, workers: int) -> ServeConfig:
+    """Run once in the main process, before any worker starts: resolve `auto` and export the
+    backend's artifact into the cache (and prove it runs), so every worker only loads it; the
+    config returned names the backend the workers build."""
+    if config.backend in ("eager", "compile"):
+        return config
+    torch.set_num_threads(config.torch_threads_per_worker(workers))  # measure `auto` as a worker runs
+    name = resolve_backend(config, loaded, device) if config.backend == "auto" else config.backend
+    if name != "eager":
+        create_backend(name, loaded.model, backend_spec(config, loaded.info, device))
+    return config.replace(backend=name)
 
 
 def start_worker_classifier(
@@ -119,5 +170,6 @@ def start_worker_classifier(
     # CPU workers share the cores; GPU workers barely use intra-op threads, so one rule serves both.
     torch.set_num_threads(config.torch_threads_per_worker(workers))
     classifier, info = build_classifier(config, labels, device)
-    classifier.warm_up(sorted({1, config.max_batch_size}))
+    # `compile` builds one graph per padded batch size: build them all now, not on first requests.
+    classifier.warm_up(getattr(classifier.backend, "buckets", None) or sorted({1, config.max_batch_size}))
     return classifier, info

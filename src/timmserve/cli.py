@@ -20,6 +20,7 @@ from click.core import ParameterSource
 from timmserve.client import DEFAULT_URL
 from timmserve.config import (
     ACCELERATORS,
+    BACKEND_CHOICES,
     ENGINES,
     HOSTS,
     LADDER,
@@ -87,6 +88,18 @@ def model_options(command: Callable) -> Callable:
 @click.option("--ray-max-replicas", type=int, help="Ray: autoscale from the replica count up to this many.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=_DEFAULTS["precision"], show_default=True)
 @click.option("--channels-last", is_flag=True, help="NHWC memory format for the model and its inputs.")
+@click.option(
+    "--backend",
+    type=click.Choice(BACKEND_CHOICES),
+    default=_DEFAULTS["backend"],
+    show_default=True,
+    help="Inference backend; auto measures the installed ones here and keeps the fastest that agrees with eager.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Exported backend artifacts.  [default: ~/.cache/timmserve]",
+)
 @click.option("--accelerator", type=click.Choice(ACCELERATORS), default=_DEFAULTS["accelerator"], show_default=True)
 @click.option("--devices", type=int, help="Number of devices (default: all of the accelerator's).")
 @click.option("--workers-per-device", type=int, default=_DEFAULTS["workers_per_device"], show_default=True)
@@ -98,6 +111,12 @@ def model_options(command: Callable) -> Callable:
     default=_DEFAULTS["decode_threads"],
     show_default=True,
     help="Threads decoding the images of a batch in parallel.",
+)
+@click.option(
+    "--fast-decode/--no-fast-decode",
+    default=_DEFAULTS["fast_decode"],
+    show_default=True,
+    help="JPEGs decoded at a reduced DCT scale, resize on uint8 tensors; off: timm's PIL transform.",
 )
 @click.option(
     "--max-batch-size",

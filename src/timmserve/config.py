@@ -21,6 +21,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 ENGINES: tuple[str, ...] = ("litserve", "ray")
+# Inference backends (see backends.py); "auto" measures the installed ones on this machine at start.
+BACKEND_CHOICES: tuple[str, ...] = ("eager", "compile", "onnxruntime", "openvino", "auto")
 Precision = Literal["fp32", "fp16", "bf16"]
 Accelerator = Literal["auto", "cpu", "cuda"]
 
@@ -46,6 +48,10 @@ class ServeConfig:
     precision: Precision = "fp32"
     # NHWC memory format: often faster for convnets on CPU (oneDNN) and on tensor cores.
     channels_last: bool = False
+    backend: str = "eager"
+    # Exported backend artifacts (ONNX files, OpenVINO IR); None: $XDG_CACHE_HOME/timmserve or
+    # ~/.cache/timmserve.
+    cache_dir: Path | None = None
 
     # --- engine: LitServe on one machine, or Ray Serve on one or many ---
     engine: str = "litserve"
@@ -61,10 +67,15 @@ class ServeConfig:
     torch_threads: int | None = None
     # Threads that decode and preprocess the images of one batch in parallel (PIL frees the GIL).
     decode_threads: int = 2
+    # Fast decode path: JPEGs at the smallest DCT scale still at least timm's resize size (PIL
+    # draft), resize and crop with torchvision v2's uint8 kernels. Off: timm's PIL transform as is.
+    fast_decode: bool = True
 
     # --- batching ---
     max_batch_size: int = 8
-    batch_timeout: float = 0.005  # seconds a batch waits to fill
+    # Seconds a batch may wait for more images once the queue is drained (batching.py); 0: never
+    # wait, batches grow under load by themselves (measured best on CPU; a GPU may want a few ms).
+    batch_timeout: float = 0.0
 
     # --- HTTP ---
     host: str = "127.0.0.1"
@@ -90,6 +101,11 @@ class ServeConfig:
         _check(self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}")
         _check(self.log_format in LOG_FORMATS, f"log format must be one of {', '.join(LOG_FORMATS)}")
         _check(self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}")
+        _check(self.backend in BACKEND_CHOICES, f"backend must be one of {', '.join(BACKEND_CHOICES)}")
+        _check(
+            not (self.backend == "openvino" and self.accelerator == "cuda"),
+            "--backend openvino runs on the CPU; on CUDA use eager, compile or onnxruntime",
+        )
         _check(
             self.ray_max_replicas is None or self.ray_max_replicas >= self.workers_per_device * (self.devices or 1),
             "--ray-max-replicas must be at least the starting replica count (workers per device × devices)",
@@ -136,7 +152,7 @@ class ServeConfig:
             name = key.replace("-", "_")
             if name not in known:
                 raise ConfigError(f"unknown setting {key!r}; known: {', '.join(sorted(known))}")
-            if name in ("checkpoint", "labels") and value is not None:
+            if name in ("checkpoint", "labels", "cache_dir") and value is not None:
                 value = Path(value)
             kwargs[name] = value
         try:
@@ -155,6 +171,12 @@ class ServeConfig:
         """The API key from the variable `api_key_env` names; None when no key is asked for."""
         return None if self.api_key_env is None else read_api_key(self.api_key_env)
 
+    def artifact_cache(self) -> Path:
+        """Where exported backend artifacts live (see `cache_dir`)."""
+        if self.cache_dir is not None:
+            return self.cache_dir
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "timmserve"
+
     def torch_threads_per_worker(self, workers: int) -> int:
         """Threads for one worker's torch ops: explicit, or the cores shared out between workers."""
         if self.torch_threads is not None:
@@ -162,14 +184,17 @@ class ServeConfig:
         return max(1, (os.cpu_count() or 1) // workers)
 
     def to_cli_args(self) -> list[str]:
-        """`timmserve serve` flags that reproduce this config (unset and false values left out)."""
+        """`timmserve serve` flags that reproduce this config (unset values left out)."""
         args: list[str] = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             flag = "--" + f.name.replace("_", "-")
-            if value is None or value is False:
+            if value is None or (value is False and f.default is False):
                 continue
-            args += [flag] if value is True else [flag, str(value)]
+            if isinstance(value, bool):
+                args.append(flag if value else "--no-" + flag[2:])
+            else:
+                args += [flag, str(value)]
         return args
 
     def replace(self, **changes: Any) -> ServeConfig:
@@ -181,7 +206,7 @@ class ServeConfig:
         return _json_ready(dataclasses.asdict(self))
 
 
-LADDER: tuple[str, ...] = ("baseline", "batching", "workers", "precision", "decode", "best")
+LADDER: tuple[str, ...] = ("baseline", "batching", "workers", "precision", "backend", "decode", "best")
 
 
 @dataclass(frozen=True, kw_only=True)

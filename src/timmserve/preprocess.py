@@ -5,13 +5,21 @@ the limit *before* any pixel is decoded (a 50 KB PNG can claim 100k × 100k), EX
 applied, and every mode (L, LA, P, RGBA, CMYK, 16-bit …) becomes RGB. Each failure is a typed
 RequestError, so the API answers 400/413/415 with a message that says what was wrong.
 
-The tensor transform is timm's own eval transform for the model's data config: input size,
-interpolation, crop and mean/std come from the model, never from constants here.
+The tensor transform is timm's own eval transform for the model's data config (input size,
+interpolation, crop and mean/std come from the model, never from constants here), split in two:
+per image, resize and crop the decoded 8-bit pixels as a uint8 CHW tensor (torchvision v2's uint8
+kernels where timm's steps have a v2 twin, PIL otherwise; a quarter of the bytes of a float tensor,
+and no float work per image); per batch, one normalise on the model's device (`Normalizer`).
+With `fast_decode` (the default) a JPEG is also decoded straight at the smallest DCT scale (1/2,
+1/4, 1/8) still at least the size timm resizes to (PIL's `draft`), so a 12-megapixel photo costs
+about as much as a 1-megapixel one; without it, timm's PIL transform runs as is (the original
+deployment's path, the benchmark's baseline).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from typing import Any
 
@@ -19,6 +27,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
+from timm.data.transforms import MaybePILToTensor
+from torchvision import transforms as tv1
+from torchvision.transforms import v2
 
 from timmserve.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaError
 
@@ -29,8 +40,9 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _BACKGROUND = (255, 255, 255, 255)
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
-    """Decode an image file's bytes to an RGB PIL image (first frame, EXIF orientation applied)."""
+def decode_image(data: bytes, *, max_pixels: int, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an image file's bytes to an RGB PIL image (first frame, EXIF orientation applied).
+    `draft_size` (width, height): a JPEG may come back downscaled by its decoder, never below it."""
     if not data:
         raise InvalidImageError("the image is empty (0 bytes)")
     image = _open(data)
@@ -43,6 +55,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         raise PayloadTooLargeError(
             f"the image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
         )
+    if draft_size is not None and image.format == "JPEG":
+        image.draft("RGB", draft_size)
     try:
         image.load()  # first frame only for GIF / animated WebP
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError … for bad pixel data
@@ -94,12 +108,51 @@ def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
 
 
 class Preprocessor:
-    """Bytes → normalised CHW float tensor with timm's eval transform for the model's data config."""
+    """Bytes → uint8 CHW tensor, resized and cropped with timm's eval transform for the model's
+    data config (see the module's docstring for `fast_decode`); `Normalizer` finishes the job per
+    batch."""
 
-    def __init__(self, data_config: dict[str, Any], *, max_pixels: int) -> None:
+    def __init__(self, data_config: dict[str, Any], *, max_pixels: int, fast_decode: bool = True) -> None:
         self.data_config = dict(data_config)
         self.max_pixels = max_pixels
-        self.transform = create_transform(**self.data_config, is_training=False)
+        self.transform = create_transform(**self.data_config, is_training=False, normalize=False)
+        self.tensor_transform = uint8_tensor_transform(self.transform) if fast_decode else None
+        _, height, width = self.data_config["input_size"]
+        crop_pct = self.data_config.get("crop_pct") or 1.0
+        # timm resizes to input / crop_pct before cropping: decoding any smaller would upsample.
+        self.draft_size = (math.ceil(width / crop_pct), math.ceil(height / crop_pct)) if fast_decode else None
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        return self.transform(decode_image(data, max_pixels=self.max_pixels))
+        image = decode_image(data, max_pixels=self.max_pixels, draft_size=self.draft_size)
+        if self.tensor_transform is None:
+            return self.transform(image)
+        return self.tensor_transform(torch.from_numpy(np.array(image)).permute(2, 0, 1))
+
+
+def uint8_tensor_transform(transform: tv1.Compose) -> v2.Compose | None:
+    """timm's eval transform as torchvision v2 ops on a uint8 CHW tensor, where every step has a
+    v2 twin (resize + center crop: timm's crop modes center and squash); None otherwise, and PIL
+    runs timm's transform as is. Same result to within one level (mean 0.002/255 on the cat photo),
+    six times faster here (0.46 ms against 3.0 ms: v2 has SIMD uint8 kernels, Pillow does not)."""
+    steps: list[Any] = []
+    for step in transform.transforms:
+        if isinstance(step, tv1.Resize):
+            steps.append(v2.Resize(step.size, interpolation=step.interpolation, max_size=step.max_size, antialias=True))
+        elif isinstance(step, tv1.CenterCrop):
+            steps.append(v2.CenterCrop(step.size))
+        elif not isinstance(step, MaybePILToTensor):  # already a tensor
+            return None
+    return v2.Compose(steps)
+
+
+class Normalizer:
+    """uint8 NCHW batch → float, (x / 255 − mean) / std, on the batch's device, as one fused op."""
+
+    def __init__(self, data_config: dict[str, Any], device: torch.device) -> None:
+        mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(data_config["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        self.scale = (1.0 / (255.0 * std)).to(device)
+        self.shift = (-mean / std).to(device)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, batch.float(), self.scale)

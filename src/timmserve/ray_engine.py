@@ -87,7 +87,7 @@ class ClassifierReplica:
 def build_app(config: ServeConfig) -> serve.Application:
     """The Ray Serve application for the config; the model is checked in this process first."""
     accelerator = resolve_accelerator(config)
-    _info, labels, metadata = check_model(config, accelerator)
+    config, _info, labels, metadata = check_model(config, accelerator)
     replicas = replica_count(config)
     threads = config.torch_threads_per_worker(replicas)
     options: dict[str, Any] = {

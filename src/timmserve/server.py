@@ -27,6 +27,7 @@ from starlette.responses import HTMLResponse
 
 from timmserve import openapi
 from timmserve.api import PREDICT_PATH, ClassifierAPI
+from timmserve.classifier import prepare_backend
 from timmserve.config import ServeConfig
 from timmserve.errors import ModelLoadError
 from timmserve.labels import load_labels
@@ -159,14 +160,18 @@ def _join_or_kill(processes: list[BaseProcess], deadline: float, kind: str) -> N
             process.join()
 
 
-def check_model(config: ServeConfig, accelerator: str) -> tuple[ModelInfo, list[str], dict[str, Any]]:
+def check_model(config: ServeConfig, accelerator: str) -> tuple[ServeConfig, ModelInfo, list[str], dict[str, Any]]:
     """Load the model and its labels once in this process, so that anything wrong is one clear
-    error before any worker or replica starts; returns its info, labels and /info metadata."""
-    check_precision_supported(torch.device(accelerator), config.precision)
-    info = load_model(config).info  # the workers load their own copy; this one only proves it loads
-    labels = load_labels(info.num_classes, label_file=config.labels, model_label_names=info.label_names)
-    metadata: dict[str, Any] = {**info.as_dict(), "labels": len(labels), "config": config.as_dict()}
-    return info, labels, metadata
+    error before any worker or replica starts, and prepare its backend (`auto` resolved, artifacts
+    exported); returns the config the workers get, the model's info, labels and /info metadata."""
+    device = torch.device(accelerator)
+    check_precision_supported(device, config.precision)
+    loaded = load_model(config)  # the workers load their own copy
+    labels = load_labels(loaded.info.num_classes, label_file=config.labels, model_label_names=loaded.info.label_names)
+    workers = config.workers_per_device * (config.devices or 1)
+    config = prepare_backend(config, loaded, device, workers)
+    metadata: dict[str, Any] = {**loaded.info.as_dict(), "labels": len(labels), "config": config.as_dict()}
+    return config, loaded.info, labels, metadata
 
 
 def build_server(config: ServeConfig) -> TimmServer:
@@ -174,7 +179,7 @@ def build_server(config: ServeConfig) -> TimmServer:
     settings, the model or the labels."""
     api_key = config.api_key()
     accelerator = resolve_accelerator(config)
-    info, labels, metadata = check_model(config, accelerator)
+    config, info, labels, metadata = check_model(config, accelerator)
     server = TimmServer(
         ClassifierAPI(config, info, labels),
         accelerator=accelerator,

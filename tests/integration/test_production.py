@@ -179,15 +179,16 @@ def test_clients_that_disconnect_give_their_slots_back(start_server, photos):
         f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
         f"Content-Length: {len(photos['cat'])}\r\n\r\n"
     ).encode()
-    # Some hang up halfway through their body, the rest once all of them are queued: about 3 s of
-    # work for this CPU, so most are still waiting when the server notices (within a second).
+    # Some hang up halfway through their body, the rest once they are queued: about 2 s of work for
+    # this CPU, so many are still waiting when the server notices (within a second).
     halfway = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
     for sock in halfway:
         sock.sendall(request + photos["cat"][:1000])
     queued = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(64)]
     for sock in queued:
         sock.sendall(request + photos["cat"])
-    time.sleep(0.3)
+    # Hang up once the server holds most of them (reading 72 requests takes a loaded CI box a while).
+    assert wait_for(lambda: scrape(server.url)["timmserve_in_flight_images"] >= 32, timeout=20)
     for sock in halfway + queued:
         sock.close()
     assert wait_for(lambda: scrape(server.url)["timmserve_in_flight_images"] == 0, timeout=30)
@@ -287,3 +288,31 @@ def test_request_ids_are_returned_and_logged_as_json(start_server, photos):
     assert access[new_id]["status"] == 400 and access[new_id]["duration_ms"] > 0
     rejected = [e for e in entries if e.get("request_id") == new_id and e["logger"] == "timmserve.api"]
     assert rejected and "not an image" in rejected[0]["message"]  # the worker's log line carries the id too
+
+
+def test_the_batcher_waits_batch_timeout_for_more_images_and_no_longer(start_server, photos):
+    server = start_server("--max-batch-size", "8", "--batch-timeout", "1.5")
+    before = scrape(server.url)
+
+    def send_after(delay: float) -> httpx.Response:
+        time.sleep(delay)
+        return predict(server.url, photos["cat"])
+
+    # Three images 0.2 s apart: one batch, because the first waits up to 1.5 s for company.
+    with ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(send_after, (0.0, 0.2, 0.4)))
+    assert [r.status_code for r in responses] == [200] * 3
+    after = scrape(server.url)
+    assert after["timmserve_batch_size_count"] - before.get("timmserve_batch_size_count", 0) == 1
+    assert after["timmserve_batch_size_sum"] - before.get("timmserve_batch_size_sum", 0) == 3
+
+
+def test_without_a_timeout_batches_still_form_under_load(start_server, photos):
+    server = start_server("--max-batch-size", "16", "--batch-timeout", "0")
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda _: predict(server.url, photos["cat"]), range(48)))
+    assert [r.status_code for r in responses] == [200] * 48
+    metrics = scrape(server.url)
+    # Images queue up while the model runs a batch, so the next batch takes them all at once.
+    assert metrics["timmserve_batch_size_sum"] >= 48
+    assert metrics["timmserve_batch_size_count"] <= 24

@@ -203,3 +203,18 @@ def test_overload_is_refused_at_once_with_503_and_accepted_requests_succeed(star
     assert refused[int(len(refused) * 0.99) - 1] < served[len(served) // 2]  # refusals come fast
     assert top1(predict_raw(server.url, photos["cat"])) in CAT_LABELS  # every slot was given back
     assert httpx.get(f"{server.url}/info").json()["model"]["config"]["max_queue"] == 2
+
+
+def test_auto_backend_is_chosen_before_the_workers_start_and_answers_as_eager_does(start_server, photos, tmp_path):
+    common = ("--model", "test_efficientnet", "--random-weights", "--max-batch-size", "4", "--cache-dir", str(tmp_path))
+    auto = start_server(*common, "--backend", "auto", "--log-level", "info")
+    chosen = httpx.get(f"{auto.url}/info").json()["model"]["config"]["backend"]
+    assert chosen in ("eager", "onnxruntime", "openvino")  # resolved: the workers never see "auto"
+    assert f"--backend auto chose {chosen}" in auto.log()
+    answers = {name: predict_raw(auto.url, data).json()["predictions"] for name, data in photos.items()}
+    auto.stop()
+    eager = start_server(*common)
+    for name, data in photos.items():
+        expected = predict_raw(eager.url, data).json()["predictions"]
+        assert answers[name][0]["label"] == expected[0]["label"]
+        assert answers[name][0]["probability"] == pytest.approx(expected[0]["probability"], rel=1e-3)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tests.conftest import CAT_LABELS
-from timmserve.classifier import Classifier, build_classifier
+from timmserve.backends import create_backend
+from timmserve.classifier import Classifier, backend_spec, build_classifier
 from timmserve.config import ServeConfig
 from timmserve.errors import InvalidImageError, ModelLoadError
 from timmserve.labels import load_labels
@@ -18,13 +19,13 @@ def builtin():
     return load_model(ServeConfig())
 
 
-def make_classifier(loaded, precision="fp32", decode_threads=2) -> Classifier:
+def make_classifier(loaded, precision="fp32", decode_threads=2, backend="eager") -> Classifier:
+    spec = backend_spec(ServeConfig(precision=precision), loaded.info, torch.device("cpu"))
     return Classifier(
-        loaded.model,
+        create_backend(backend, loaded.model, spec),
         Preprocessor(loaded.info.data_config, max_pixels=2**26),
         load_labels(loaded.info.num_classes),
         device=torch.device("cpu"),
-        precision=precision,
         decode_threads=decode_threads,
     )
 

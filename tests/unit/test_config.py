@@ -23,6 +23,8 @@ from timmserve.errors import ConfigError
         ({"log_format": "xml"}, "log format must be one of"),
         ({"api_key_env": " "}, "needs a variable name"),
         ({"engine": "triton"}, "engine must be one of"),
+        ({"backend": "tensorrt"}, "backend must be one of"),
+        ({"backend": "openvino", "accelerator": "cuda"}, "openvino runs on the CPU"),
         ({"ray_address": "auto"}, "need --engine ray"),
         ({"engine": "ray", "workers_per_device": 2, "ray_max_replicas": 1}, "at least the starting replica count"),
     ],
@@ -92,3 +94,22 @@ def test_the_api_key_comes_from_the_named_variable_only(monkeypatch):
     monkeypatch.setenv("MY_KEY", "")
     with pytest.raises(ConfigError, match="MY_KEY: that environment variable is unset or empty"):
         config.api_key()
+
+
+def test_cli_args_reproduce_the_config_including_switched_off_defaults():
+    from timmserve.cli import cli
+
+    config = ServeConfig(
+        backend="auto", fast_decode=False, channels_last=True, cache_dir=Path("/tmp/c"), batch_timeout=0.0
+    )
+    args = config.to_cli_args()
+    assert "--no-fast-decode" in args and "--channels-last" in args and "--no-channels-last" not in args
+    context = cli.commands["serve"].make_context("serve", args)
+    params = {name: value for name, value in context.params.items() if name != "config_file"}
+    assert ServeConfig.from_mapping(params) == config
+
+
+def test_the_artifact_cache_follows_xdg_unless_set(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert ServeConfig().artifact_cache() == tmp_path / "timmserve"
+    assert ServeConfig(cache_dir=Path("/srv/cache")).artifact_cache() == Path("/srv/cache")

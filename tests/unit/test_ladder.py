@@ -29,18 +29,23 @@ def test_rungs_are_cumulative_on_top_of_the_shared_settings(bf16_cpu):
     assert (batching.max_batch_size, batching.workers_per_device) == (64, 1)
     assert (workers.max_batch_size, workers.workers_per_device) == (64, 2)
     assert ladder.config("precision").precision == "bf16"
+    assert (baseline.backend, baseline.fast_decode) == ("eager", False)  # the original deployment
+    assert (ladder.config("backend").backend, ladder.config("decode").fast_decode) == ("auto", True)
     assert all(ladder.config(n).top_k == 3 and ladder.config(n).model == "test_efficientnet" for n in ladder.names[:-1])
 
 
-def test_best_leaves_out_the_rungs_that_did_not_win(bf16_cpu):
+def test_best_leaves_out_the_rungs_measured_to_lose(bf16_cpu):
     ladder = Ladder(BenchConfig(serve=BASE), "cpu")
     with pytest.raises(RuntimeError):
         ladder.config("best")
-    ladder.decide_best({"baseline": 10.0, "batching": 20.0, "workers": 20.5, "precision": 30.0, "decode": 29.0})
-    assert ladder.best_from == ["batching", "precision"]
-    assert ladder.best_left_out == ["workers", "decode"]
+    # workers: no difference (kept); precision: slower by 10% (left out); decode: 3% slower (kept).
+    peaks = {"baseline": 10.0, "batching": 20.0, "workers": 20.5, "precision": 18.0, "backend": 60.0, "decode": 58.2}
+    ladder.decide_best(peaks)
+    assert ladder.best_from == ["batching", "workers", "backend", "decode"]
+    assert ladder.best_left_out == ["precision"]
     best = ladder.config("best")
-    assert (best.max_batch_size, best.workers_per_device, best.precision, best.decode_threads) == (64, 1, "bf16", 1)
+    assert (best.max_batch_size, best.workers_per_device, best.precision, best.decode_threads) == (64, 2, "fp32", 2)
+    assert (best.backend, best.fast_decode) == ("auto", True)  # the run resolves auto before serving it
 
 
 def test_precision_is_skipped_without_native_bf16(avx2_cpu):

@@ -8,9 +8,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from timmserve.backends import autocast
 from timmserve.config import ServeConfig
 from timmserve.errors import ModelLoadError
-from timmserve.model import BUILTIN_ARCHITECTURE, autocast, load_model, map_state_dict_by_order
+from timmserve.model import BUILTIN_ARCHITECTURE, load_model, map_state_dict_by_order
 
 
 def outputs(model: torch.nn.Module) -> torch.Tensor:

@@ -6,11 +6,13 @@ import zlib
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
+from timm.data import create_transform, resolve_data_config
 
 from timmserve.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaError
-from timmserve.preprocess import Preprocessor, decode_image
+from timmserve.preprocess import Normalizer, Preprocessor, decode_image
 
 LIMIT = 64 * 1024 * 1024
 
@@ -137,6 +139,55 @@ def test_preprocessor_follows_the_model_data_config(photos):
         "crop_mode": "center",
     }
     tensor = Preprocessor(config, max_pixels=LIMIT)(photos["cat"])
-    assert tensor.shape == (3, 160, 160) and tensor.dtype == torch.float32
+    assert tensor.shape == (3, 160, 160) and tensor.dtype == torch.uint8
     gray = Preprocessor(config, max_pixels=LIMIT)(encode(Image.new("RGB", (50, 50), (128, 128, 128)), "PNG"))
-    assert gray.abs().max() < 0.01  # (128/255 - 0.5) / 0.5
+    normalised = Normalizer(config, torch.device("cpu"))(gray.unsqueeze(0))
+    assert normalised.dtype == torch.float32 and normalised.abs().max() < 0.01  # (128/255 - 0.5) / 0.5
+
+
+@pytest.mark.parametrize("model", ["tf_efficientnet_lite0", "mambaout_femto"])
+def test_uint8_path_then_batch_normalise_matches_timms_own_transform(photos, model):
+    config = resolve_data_config({}, model=timm.create_model(model, pretrained=False))
+    reference = create_transform(**config, is_training=False)  # PIL, float per image, normalised
+    pixels = create_transform(**config, is_training=False, normalize=False)  # PIL, uint8
+    preprocessor = Preprocessor(config, max_pixels=LIMIT)
+    assert preprocessor.tensor_transform is not None  # timm's center crop has a v2 twin
+    preprocessor.draft_size = None  # the resize kernels alone: every photo decoded in full
+    normalizer = Normalizer(config, torch.device("cpu"))
+    for data in photos.values():
+        image = decode_image(data, max_pixels=LIMIT)
+        ours = preprocessor(data)
+        # torchvision v2's uint8 resize against Pillow's: the same filter, rounding apart.
+        levels = (ours.int() - pixels(image).int()).abs()
+        assert levels.max() <= 2 and levels.float().mean() < 0.05
+        # The batch normalise is timm's normalise, exactly, on the same pixels.
+        expected = reference.transforms[-1](pixels(image).float() / 255)
+        assert torch.allclose(normalizer(pixels(image).unsqueeze(0))[0], expected, atol=1e-6)
+
+
+def test_without_fast_decode_timms_pil_transform_runs_as_is(photos):
+    config = resolve_data_config({}, model=timm.create_model("tf_efficientnet_lite0", pretrained=False))
+    preprocessor = Preprocessor(config, max_pixels=LIMIT, fast_decode=False)
+    assert preprocessor.tensor_transform is None and preprocessor.draft_size is None
+    image = decode_image(photos["grace_hopper"], max_pixels=LIMIT)
+    assert torch.equal(preprocessor(photos["grace_hopper"]), preprocessor.transform(image))
+
+
+def test_a_crop_mode_without_a_v2_twin_keeps_the_pil_path(photos):
+    config = {**resolve_data_config({}, model=timm.create_model("test_vit", pretrained=False)), "crop_mode": "border"}
+    preprocessor = Preprocessor(config, max_pixels=LIMIT)
+    assert preprocessor.tensor_transform is None
+    assert preprocessor(photos["cat"]).shape == (3, 160, 160)
+
+
+def test_fast_decode_decodes_a_large_photo_at_a_reduced_scale_close_to_the_full_decode(photos):
+    big = Image.open(io.BytesIO(photos["grace_hopper"])).resize((2048, 2560), Image.BICUBIC)
+    data = encode(big, "JPEG")
+    config = resolve_data_config({}, model=timm.create_model("tf_efficientnet_lite0", pretrained=False))
+    fast, full = Preprocessor(config, max_pixels=LIMIT), Preprocessor(config, max_pixels=LIMIT, fast_decode=False)
+    # 1/8 scale (256×320) is the smallest still at least timm's 256 resize on both sides.
+    assert decode_image(data, max_pixels=LIMIT, draft_size=fast.draft_size).size == (256, 320)
+    difference = (fast(data).float() - full(data).float()).abs()
+    assert difference.mean() < 2.0  # of 255: the DCT-domain downscale is a slightly different filter
+    # Never decoded below the resize size, whatever the shape: a small photo is decoded in full.
+    assert decode_image(photos["cat"], max_pixels=LIMIT, draft_size=fast.draft_size).size == (451, 300)

@@ -1,7 +1,7 @@
 """Direct, in-process throughput: the most a server with this config could do.
 
-- model: pre-made input tensors already on the device → model → softmax → host (what a worker's
-  model step does), per batch size;
+- model: pre-made uint8 input tensors → device → normalise → model → softmax → host (what a
+  worker's model step does), per batch size;
 - pipeline: the same encoded image bytes the load sends → decode + preprocess (the server's
   thread pool) → model → top-k, per batch size: the most a server could do without HTTP.
 
@@ -35,7 +35,7 @@ def measure_ceilings(
     channels, height, width = classifier.preprocessor.data_config["input_size"]
     model_rows, pipeline_rows = [], []
     for batch_size in batch_sizes:
-        tensors = torch.randn(batch_size, channels, height, width).to(classifier.device)
+        tensors = torch.randint(0, 256, (batch_size, channels, height, width), dtype=torch.uint8)
         rate = _images_per_second(partial(classifier.probabilities, tensors), batch_size, duration)
         model_rows.append({"batch_size": batch_size, "img_per_s": rate})
     for batch_size in batch_sizes if pipeline_batch_sizes is None else pipeline_batch_sizes:

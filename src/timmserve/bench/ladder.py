@@ -2,9 +2,12 @@
 started server, in ABBA order, with the ceiling measured right before and right after each rung.
 
 Rungs are cumulative: each adds its knobs to the rungs before it in the ladder, starting from
-`baseline` (the original deployment: no batching, one worker, fp32, serial decode). `best`
-combines the knobs of every optimisation rung except those this run measured and found not to
-win (peak req/s not ≥ 5% above the rung before, in the first round).
+`baseline` (the original deployment: no batching, one worker, fp32 eager, serial full decode).
+`best` combines the knobs of every optimisation rung except those this run measured to lose (peak
+req/s ≥ 5% below the rung before, in the first round). A rung that made no difference keeps its
+knobs: every later rung was measured with them, and a knob neutral for one backend can matter for
+the next (two single-threaded workers were noise with eager PyTorch here, and the win with ONNX
+Runtime, which scales badly to two threads).
 """
 
 from __future__ import annotations
@@ -27,20 +30,22 @@ import psutil
 import torch
 from tqdm import tqdm
 
+from timmserve import photos
+from timmserve.backends import agreement, probability_tolerance
 from timmserve.bench.ceiling import measure_ceilings
 from timmserve.bench.load import LoadSpec, measure_client_capacity, run_level
 from timmserve.bench.monitor import Monitor
 from timmserve.bench.process import ServerProcess
-from timmserve.classifier import build_classifier
+from timmserve.classifier import Classifier, build_classifier, resolve_backend
 from timmserve.config import BenchConfig, ServeConfig
 from timmserve.errors import ConfigError
 from timmserve.labels import load_labels
 from timmserve.model import ModelInfo, load_model
+from timmserve.photos import reference_photos
 from timmserve.server import resolve_accelerator
 
-DEFAULT_IMAGE = Path(__file__).parent / "data" / "cat.jpg"  # Chelsea the cat (scikit-image, CC0)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-WIN_MARGIN = 1.05  # a rung must beat the one before by 5% for `best` to keep its knobs
+LOSS_MARGIN = 0.95  # a rung ≥ 5% slower than the one before loses its place in `best`
 CLIENT_BOUND_SHARE = 0.7  # a level served at ≥ 70% of the client's capacity is client-bound
 
 BASELINE = "baseline"
@@ -52,11 +57,20 @@ def built_in_rungs(accelerator: str) -> dict[str, dict[str, Any]]:
     """Knobs per rung; each rung adds its knobs to those of the rungs before it. `precision` only
     where the device runs reduced precision natively (see `unsupported_rungs`)."""
     return {
-        BASELINE: {"max_batch_size": 1, "workers_per_device": 1, "precision": "fp32", "decode_threads": 1},
-        "batching": {"max_batch_size": 64, "batch_timeout": 0.005},
+        BASELINE: {
+            "max_batch_size": 1,
+            "workers_per_device": 1,
+            "precision": "fp32",
+            "backend": "eager",
+            "decode_threads": 1,
+            "fast_decode": False,
+        },
+        "batching": {"max_batch_size": 64, "batch_timeout": 0.0},
         "workers": {"workers_per_device": 2},
         "precision": {"precision": "fp16" if accelerator == "cuda" else "bf16"},
-        "decode": {"decode_threads": min(4, psutil.cpu_count() or 1)},
+        # Resolved once per run, before the first rung, by measuring the installed backends here.
+        "backend": {"backend": "auto"},
+        "decode": {"decode_threads": min(4, psutil.cpu_count() or 1), "fast_decode": True},
         # An engine, not an optimisation: the knobs of the rungs before it, served by Ray Serve, so
         # it compares with the LitServe rung right before it. Never part of `best`.
         RAY: {"engine": "ray"},
@@ -93,7 +107,7 @@ class Ladder:
         self.base = config.serve
         self.best_knobs: dict[str, Any] | None = None
         self.best_from: list[str] = []  # rungs whose knobs `best` combines
-        self.best_left_out: list[str] = []  # rungs measured here that did not win
+        self.best_left_out: list[str] = []  # rungs measured here to be slower
 
     def config(self, name: str) -> ServeConfig:
         if name == BEST:
@@ -110,7 +124,7 @@ class Ladder:
     def decide_best(self, peaks: dict[str, float]) -> None:
         """`peaks`: first-round peak req/s per measured rung, in ladder order."""
         measured = [n for n in self.names if n in peaks and n != RAY]
-        losers = {name for before, name in zip(measured, measured[1:]) if peaks[name] < peaks[before] * WIN_MARGIN}
+        losers = {name for before, name in zip(measured, measured[1:]) if peaks[name] < peaks[before] * LOSS_MARGIN}
         candidates = [n for n in self.rungs if n not in (BASELINE, RAY)]
         self.best_from = [n for n in candidates if n not in losers]
         self.best_left_out = [n for n in candidates if n in losers]
@@ -167,18 +181,23 @@ class _Bench:
         self.accelerator = accelerator
         self.progress = progress
         self.log = log
+        self.device = torch.device("cuda" if accelerator == "cuda" else "cpu")
+        self.reference_logits: torch.Tensor | None = None
 
     def run_ladder(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         ladder = Ladder(self.config, self.accelerator)
         measured: dict[str, list[dict[str, Any]]] = {name: [] for name in ladder.names}
         for name, reason in ladder.skipped.items():
             self.log(f"skipping rung {name}: {reason}")
+        self.resolve_auto_backend(ladder)
         for round_index in range(self.config.rounds):
             order = ladder.names if round_index % 2 == 0 else tuple(reversed(ladder.names))
             for name in order:
                 if name == BEST and ladder.best_knobs is None:
                     ladder.decide_best({n: _peak(runs[0]["levels"]) for n, runs in measured.items() if runs})
                     self.log(f"best = baseline + {', '.join(ladder.best_from) or 'nothing'}")
+                    if ladder.best_knobs["backend"] == "auto":  # the backend rung was not measured
+                        ladder.best_knobs["backend"] = self.pick_backend(BEST, ladder.config(BEST))
                 self.log(f"round {round_index + 1}/{self.config.rounds}: {name}")
                 measured[name].append(self.run_rung(name, ladder.config(name), round_index))
         runs = [_aggregate(name, ladder.config(name), rounds) for name, rounds in measured.items()]
@@ -186,6 +205,20 @@ class _Bench:
         if BEST in ladder.names:
             notes.update({"from": ladder.best_from, "left_out": ladder.best_left_out})
         return runs, notes
+
+    def resolve_auto_backend(self, ladder: Ladder) -> None:
+        """A rung asking for `auto` gets the backend `auto` picks for that rung's workers, decided
+        once here, so every round, its ceilings and `best` measure the same backend."""
+        for name in ladder.names:
+            if name == BEST or ladder.rungs[name].get("backend") != "auto":
+                continue
+            ladder.rungs[name]["backend"] = self.pick_backend(name, ladder.config(name))
+
+    def pick_backend(self, name: str, serve: ServeConfig) -> str:
+        torch.set_num_threads(serve.torch_threads_per_worker(serve.workers_per_device))
+        chosen = resolve_backend(serve, load_model(serve), self.device)
+        self.log(f"rung {name}: --backend auto chose {chosen}")
+        return chosen
 
     def run_rung(self, name: str, serve: ServeConfig, round_index: int) -> dict[str, Any]:
         before = self.ceilings(serve)
@@ -213,18 +246,30 @@ class _Bench:
             sizes = [_best_batch_size(best_of["model"])]
             pipeline_sizes = [_best_batch_size(best_of["pipeline"])]
         torch.set_num_threads(serve.torch_threads or psutil.cpu_count() or 1)
-        device = torch.device("cuda" if self.accelerator == "cuda" else "cpu")
-        classifier, _ = build_classifier(serve, self.labels, device)
+        classifier, _ = build_classifier(serve, self.labels, self.device)
         try:
-            return measure_ceilings(
+            measured = measure_ceilings(
                 classifier, self.images, sizes, self.config.ceiling_duration, pipeline_batch_sizes=pipeline_sizes
             )
+            return {**measured, "accuracy": self.accuracy_guard(classifier, serve)}
         finally:
             classifier.close()
             del classifier
             gc.collect()
-            if device.type == "cuda":
+            if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # the server about to start needs the memory
+
+    def accuracy_guard(self, classifier: Classifier, serve: ServeConfig) -> dict[str, Any]:
+        """The rung's answers on the reference photos against eager fp32's (full JPEG decode)."""
+        if self.reference_logits is None:
+            reference_config = self.config.serve.replace(
+                backend="eager", precision="fp32", channels_last=False, fast_decode=False
+            )
+            reference, _ = build_classifier(reference_config, self.labels, self.device)
+            self.reference_logits = reference.logits(list(reference_photos().values())).cpu()
+        logits = classifier.logits(list(reference_photos().values())).cpu()
+        tolerance = probability_tolerance(serve.precision, serve.fast_decode)
+        return agreement(self.reference_logits, logits, tolerance).as_dict()
 
     def levels(self, label: str, url: str, server_pid: int | None) -> list[dict[str, Any]]:
         config = self.config
@@ -300,6 +345,9 @@ def _aggregate(name: str, serve: ServeConfig, rounds: list[dict[str, Any]]) -> d
                 {**_spread({"batch_size": size}, values, "img_per_s", statistics.fmean), "measurements": len(values)}
                 for size, values in sorted(by_size.items())
             ]
+        # The guard's worst round: every measurement of the rung must agree.
+        guards = [r[when]["accuracy"] for r in rounds for when in ("ceiling_before", "ceiling_after")]
+        ceiling["accuracy"] = min(guards, key=lambda g: (g["ok"], g["top1_agree"], -g["max_prob_diff"]))
     return {"name": name, "config": serve.as_dict(), "rounds": len(rounds), "ceiling": ceiling, "levels": levels}
 
 
@@ -364,7 +412,7 @@ def add_efficiency(results: dict[str, Any]) -> None:
 
 def load_images(path: Path | None) -> list[bytes]:
     """A photo, or every image file in a folder (sorted, cycled by the load); default: the cat photo."""
-    path = path or DEFAULT_IMAGE
+    path = path or photos.CAT
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
     if not files:
         raise ConfigError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")

@@ -72,7 +72,7 @@ def to_markdown(results: dict[str, Any], plots: list[str]) -> str:
                 f"| {_num(level['server_cpu_percent'])} | {_num(level['cpu_percent'])} | {_num(level['gpu_percent'])} "
                 f"| {_pct(level['efficiency'])} | {_pct(level['efficiency_vs_best'])} | {non_200} |"
             )
-    lines += _ceiling_table(results) + _comparisons(results) + _best_section(results)
+    lines += _ceiling_table(results) + _accuracy_table(results) + _comparisons(results) + _best_section(results)
     lines += ["", "## Plots", ""] + [f"![{name[:-4]}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 
@@ -97,6 +97,31 @@ def _ceiling_table(results: dict[str, Any]) -> list[str]:
                 f"| {run['name']} | {model_row['batch_size']} | {_range(model_row, 'img_per_s')} "
                 f"| {_range(pipeline_row, 'img_per_s')} |"
             )
+    return lines
+
+
+def _accuracy_table(results: dict[str, Any]) -> list[str]:
+    runs = [run for run in results["runs"] if run["ceiling"] and "accuracy" in run["ceiling"]]
+    if not runs:
+        return []
+    lines = [
+        "",
+        "## Accuracy guard",
+        "",
+        "Each rung's answers on the four reference photos (cat, espresso, Grace Hopper, rocket) against eager "
+        "fp32 with a full JPEG decode: top-1 must agree on every photo and no class probability may move by more "
+        "than the precision's tolerance (the worst of the rung's measurements).",
+        "",
+        "| rung | backend | precision | top-1 agrees | max Δ probability | tolerance | guard |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        guard, config = run["ceiling"]["accuracy"], run["config"]
+        lines.append(
+            f"| {run['name']} | {config.get('backend', 'eager')} | {config['precision']} "
+            f"| {guard['top1_agree']}/{guard['images']} | {guard['max_prob_diff']:.1e} | {guard['tolerance']:g} "
+            f"| {'ok' if guard['ok'] else 'FAILED'} |"
+        )
     return lines
 
 
@@ -129,7 +154,7 @@ def _best_section(results: dict[str, Any]) -> list[str]:
     if "from" in notes:
         lines.append(
             f"- best = baseline + the knobs of: {', '.join(notes['from']) or 'nothing'}. Left out (measured here, "
-            f"did not beat the rung before by 5% in the first round): {', '.join(notes['left_out']) or 'none'}."
+            f"≥ 5% slower than the rung before in the first round): {', '.join(notes['left_out']) or 'none'}."
         )
     return ["", "## Ladder", "", *lines] if lines else []
 
