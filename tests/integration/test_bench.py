@@ -91,7 +91,7 @@ def test_monitor_samples_the_server_tree(tiny_server, photos):
 @pytest.fixture(scope="module")
 def bench_results(tmp_path_factory):
     config = BenchConfig(
-        serve=TINY,
+        serve=TINY.replace(cache_dir=tmp_path_factory.mktemp("artifacts")),  # `best` resolves --backend auto
         ladder=("baseline", "best"),
         rounds=2,
         concurrency=(1, 2),
@@ -135,6 +135,8 @@ def test_ladder_writes_the_design_fields(bench_results):
     baseline, best = saved["runs"]
     assert baseline["config"]["max_batch_size"] == 1 and baseline["config"]["decode_threads"] == 1
     assert best["config"]["max_batch_size"] == 64  # best combines the rungs not measured to lose
+    assert best["config"]["backend"] in ("eager", "onnxruntime", "openvino")  # auto, resolved once
+    assert all(run["ceiling"]["accuracy"]["ok"] for run in saved["runs"])
     assert [row["batch_size"] for row in baseline["ceiling"]["model"]] == [1]  # capped by max batch size
 
 
@@ -146,6 +148,7 @@ def test_report_renders_from_a_saved_file(bench_results):
     assert result.returncode == 0, result.stderr
     markdown = (path.parent / "results.md").read_text()
     assert "| baseline | c=1 |" in markdown and "| best | 5 req/s open |" in markdown
+    assert "## Accuracy guard" in markdown and "| baseline | eager | fp32 | 4/4 |" in markdown
     assert "best vs baseline" in markdown
     for name in PLOTS:
         assert (path.parent / name).read_bytes().startswith(b"\x89PNG")
