@@ -34,18 +34,22 @@ def test_rungs_are_cumulative_on_top_of_the_shared_settings(bf16_cpu):
     assert all(ladder.config(n).top_k == 3 and ladder.config(n).model == "test_efficientnet" for n in ladder.names[:-1])
 
 
-def test_best_leaves_out_the_rungs_measured_to_lose(bf16_cpu):
+def test_best_is_the_fastest_rung_plus_what_was_not_measured(bf16_cpu):
     ladder = Ladder(BenchConfig(serve=BASE), "cpu")
     with pytest.raises(RuntimeError):
         ladder.config("best")
-    # workers: no difference (kept); precision: slower by 10% (left out); decode: 3% slower (kept).
-    peaks = {"baseline": 10.0, "batching": 20.0, "workers": 20.5, "precision": 18.0, "backend": 60.0, "decode": 58.2}
+    # decode came after the fastest rung (backend): left out; whatever came before stays, batching
+    # and precision included although each was slower than the rung before it.
+    peaks = {"baseline": 10.0, "batching": 9.0, "workers": 20.5, "precision": 18.0, "backend": 60.0, "decode": 58.2}
     ladder.decide_best(peaks)
-    assert ladder.best_from == ["batching", "workers", "backend", "decode"]
-    assert ladder.best_left_out == ["precision"]
+    assert ladder.best_from == ["batching", "workers", "precision", "backend"]
+    assert ladder.best_left_out == ["decode"]
     best = ladder.config("best")
-    assert (best.max_batch_size, best.workers_per_device, best.precision, best.decode_threads) == (64, 2, "fp32", 2)
-    assert (best.backend, best.fast_decode) == ("auto", True)  # the run resolves auto before serving it
+    assert (best.max_batch_size, best.workers_per_device, best.precision, best.decode_threads) == (64, 2, "bf16", 1)
+    assert (best.backend, best.fast_decode) == ("auto", False)  # the run resolves auto before serving it
+    only_baseline = Ladder(BenchConfig(serve=BASE, ladder=("baseline", "best")), "cpu")
+    only_baseline.decide_best({"baseline": 10.0})  # nothing measured against: every rung's knobs
+    assert only_baseline.best_from == ["batching", "workers", "precision", "backend", "decode"]
 
 
 def test_precision_is_skipped_without_native_bf16(avx2_cpu):

@@ -3,11 +3,11 @@ started server, in ABBA order, with the ceiling measured right before and right 
 
 Rungs are cumulative: each adds its knobs to the rungs before it in the ladder, starting from
 `baseline` (the original deployment: no batching, one worker, fp32 eager, serial full decode).
-`best` combines the knobs of every optimisation rung except those this run measured to lose (peak
-req/s ≥ 5% below the rung before, in the first round). A rung that made no difference keeps its
-knobs: every later rung was measured with them, and a knob neutral for one backend can matter for
-the next (two single-threaded workers were noise with eager PyTorch here, and the win with ONNX
-Runtime, which scales badly to two threads).
+`best` is the fastest rung of the first round (its config carries every rung's knobs before it)
+plus the knobs of rungs the run did not measure; rungs after the fastest one are left out. Knobs
+interact, so a rung is never judged alone: batching to 64 lost with eager PyTorch on this CPU (its
+batch of 64 runs slower per image than a batch of 8) and is part of the fastest rung with ONNX
+Runtime.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from timmserve.photos import reference_photos
 from timmserve.server import resolve_accelerator
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-LOSS_MARGIN = 0.95  # a rung ≥ 5% slower than the one before loses its place in `best`
 CLIENT_BOUND_SHARE = 0.7  # a level served at ≥ 70% of the client's capacity is client-bound
 
 BASELINE = "baseline"
@@ -122,12 +121,14 @@ class Ladder:
         return self.base.replace(**knobs)
 
     def decide_best(self, peaks: dict[str, float]) -> None:
-        """`peaks`: first-round peak req/s per measured rung, in ladder order."""
-        measured = [n for n in self.names if n in peaks and n != RAY]
-        losers = {name for before, name in zip(measured, measured[1:]) if peaks[name] < peaks[before] * LOSS_MARGIN}
-        candidates = [n for n in self.rungs if n not in (BASELINE, RAY)]
-        self.best_from = [n for n in candidates if n not in losers]
-        self.best_left_out = [n for n in candidates if n in losers]
+        """`peaks`: first-round peak req/s per measured rung. Rungs are cumulative, so the fastest
+        measured rung carries the knobs of every rung before it: `best` is that configuration plus
+        the knobs of the rungs this run did not measure (nothing says they lose); the rungs measured
+        after the fastest one only made it slower and are left out."""
+        measured = [n for n in self.names if n in peaks and n not in (RAY, BEST)]
+        kept = measured[: measured.index(max(measured, key=peaks.__getitem__)) + 1] if measured else []
+        self.best_left_out = [n for n in measured if n not in kept]
+        self.best_from = [n for n in self.rungs if n not in (BASELINE, RAY, *self.best_left_out)]
         knobs = dict(self.rungs[BASELINE])
         for name in self.best_from:
             knobs.update(self.rungs[name])

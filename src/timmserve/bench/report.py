@@ -154,7 +154,7 @@ def _best_section(results: dict[str, Any]) -> list[str]:
     if "from" in notes:
         lines.append(
             f"- best = baseline + the knobs of: {', '.join(notes['from']) or 'nothing'}. Left out (measured here, "
-            f"≥ 5% slower than the rung before in the first round): {', '.join(notes['left_out']) or 'none'}."
+            f"after the fastest rung of the first round, slower than it): {', '.join(notes['left_out']) or 'none'}."
         )
     return ["", "## Ladder", "", *lines] if lines else []
 
