@@ -69,16 +69,18 @@ class Classifier:
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Softmax over classes for a batch of uint8 images (N, C, H, W), as fp32 on the CPU."""
+        return self._logits(batch).softmax(dim=1).cpu()
+
+    @torch.inference_mode()
+    def logits(self, images: Sequence[bytes]) -> torch.Tensor:
+        """Raw fp32 logits for good images (the accuracy guard compares these across backends)."""
+        return self._logits(torch.stack([self.preprocessor(data) for data in images])).cpu()
+
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             batch = batch.pin_memory()  # so the copy below is asynchronous
         batch = self.normalizer(batch.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
-        return self.backend(batch).float().softmax(dim=1).cpu()
-
-    def logits(self, images: Sequence[bytes]) -> torch.Tensor:
-        """Raw fp32 logits for good images (the accuracy guard compares these across backends)."""
-        batch = torch.stack([self.preprocessor(data) for data in images])
-        with torch.inference_mode():
-            return self.backend(self.normalizer(batch.to(self.device)).contiguous(memory_format=self.memory_format))
+        return self.backend(batch).float()
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run the model once per batch size so the first real request does not pay for kernel
