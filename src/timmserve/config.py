@@ -107,7 +107,7 @@ class ServeConfig:
             "--backend openvino runs on the CPU; on CUDA use eager, compile or onnxruntime",
         )
         _check(
-            self.ray_max_replicas is None or self.ray_max_replicas >= self.workers_per_device * (self.devices or 1),
+            self.ray_max_replicas is None or self.ray_max_replicas >= self.worker_count(),
             "--ray-max-replicas must be at least the starting replica count (workers per device × devices)",
         )
         _check(
@@ -165,7 +165,11 @@ class ServeConfig:
         benchmark's c=64 is never refused)."""
         if self.max_queue is not None:
             return self.max_queue
-        return max(128, 4 * self.max_batch_size * self.workers_per_device * (self.devices or 1))
+        return max(128, 4 * self.max_batch_size * self.worker_count())
+
+    def worker_count(self) -> int:
+        """Inference workers (LitServe) or replicas (Ray) in all: workers per device × devices."""
+        return self.workers_per_device * (self.devices or 1)
 
     def api_key(self) -> str | None:
         """The API key from the variable `api_key_env` names; None when no key is asked for."""

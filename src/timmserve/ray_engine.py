@@ -38,10 +38,6 @@ APP_NAME = "timmserve"
 app = FastAPI(title="timmserve (Ray Serve)")
 
 
-def replica_count(config: ServeConfig) -> int:
-    return config.workers_per_device * (config.devices or 1)
-
-
 @serve.deployment
 @serve.ingress(app)
 class ClassifierReplica:
@@ -49,7 +45,7 @@ class ClassifierReplica:
 
     def __init__(self, config: ServeConfig, labels: list[str], metadata: dict[str, Any], device: str) -> None:
         configure_logging(config.log_level, config.log_format)
-        self.classifier, info = start_worker_classifier(config, labels, torch.device(device), replica_count(config))
+        self.classifier, info = start_worker_classifier(config, labels, torch.device(device), config.worker_count())
         self.limits = PayloadLimits(config.max_body_bytes, info.num_classes, config.top_k)
         self.metadata = metadata
         replica = serve.get_replica_context().replica_id.unique_id
@@ -88,7 +84,7 @@ def build_app(config: ServeConfig) -> serve.Application:
     """The Ray Serve application for the config; the model is checked in this process first."""
     accelerator = resolve_accelerator(config)
     config, _info, labels, metadata = check_model(config, accelerator)
-    replicas = replica_count(config)
+    replicas = config.worker_count()
     threads = config.torch_threads_per_worker(replicas)
     options: dict[str, Any] = {
         "ray_actor_options": {

@@ -168,8 +168,7 @@ def check_model(config: ServeConfig, accelerator: str) -> tuple[ServeConfig, Mod
     check_precision_supported(device, config.precision)
     loaded = load_model(config)  # the workers load their own copy
     labels = load_labels(loaded.info.num_classes, label_file=config.labels, model_label_names=loaded.info.label_names)
-    workers = config.workers_per_device * (config.devices or 1)
-    config = prepare_backend(config, loaded, device, workers)
+    config = prepare_backend(config, loaded, device, config.worker_count())
     metadata: dict[str, Any] = {**loaded.info.as_dict(), "labels": len(labels), "config": config.as_dict()}
     return config, loaded.info, labels, metadata
 
