@@ -158,10 +158,10 @@ def prepare_backend(config: ServeConfig, loaded: LoadedModel, device: torch.devi
     if config.backend in ("eager", "compile"):
         return config
     torch.set_num_threads(config.torch_threads_per_worker(workers))  # measure `auto` as a worker runs
-    name = resolve_backend(config, loaded, device) if config.backend == "auto" else config.backend
-    if name != "eager":
-        create_backend(name, loaded.model, backend_spec(config, loaded.info, device))
-    return config.replace(backend=name)
+    if config.backend == "auto":
+        return config.replace(backend=resolve_backend(config, loaded, device))  # built every candidate
+    create_backend(config.backend, loaded.model, backend_spec(config, loaded.info, device))
+    return config
 
 
 def start_worker_classifier(
