@@ -75,6 +75,11 @@ def check_backend(backend: str, device: torch.device, precision: str) -> None:
         )
     if backend == "onnxruntime" and precision == "bf16":
         raise ModelLoadError("--backend onnxruntime runs fp32 (fp16 on CUDA); for bf16 use eager or openvino")
+    if backend == "onnxruntime" and device.type == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():  # before minutes of export
+            raise ModelLoadError("this onnxruntime has no CUDA provider: pip install 'timmserve[tensorrt]'")
 
 
 def create_backend(name: str, model: torch.nn.Module, spec: BackendSpec) -> Backend:
@@ -163,8 +168,6 @@ def _ort_providers(spec: BackendSpec, ort: Any) -> list[Any]:
     available = ort.get_available_providers()
     if spec.device.type != "cuda":
         return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in available:
-        raise ModelLoadError("this onnxruntime has no CUDA provider: pip install onnxruntime-gpu")
     providers: list[Any] = [("CUDAExecutionProvider", {"device_id": spec.device.index or 0})]
     if "TensorrtExecutionProvider" in available:  # the TensorRT extra: ORT builds and caches engines
         trt = {"trt_fp16_enable": spec.precision == "fp16", "trt_engine_cache_enable": True}

@@ -168,10 +168,22 @@ def start_worker_classifier(
     config: ServeConfig, labels: Sequence[str], device: torch.device, workers: int
 ) -> tuple[Classifier, ModelInfo]:
     """What a server worker (LitServe) or replica (Ray) runs at start-up: its share of the cores as
-    intra-op threads, the model loaded, one warm-up call per batch size it will see first."""
+    intra-op threads, the model loaded, warm-up calls at the batch sizes it will see."""
     # CPU workers share the cores; GPU workers barely use intra-op threads, so one rule serves both.
     torch.set_num_threads(config.torch_threads_per_worker(workers))
     classifier, info = build_classifier(config, labels, device)
-    # `compile` builds one graph per padded batch size: build them all now, not on first requests.
-    classifier.warm_up(getattr(classifier.backend, "buckets", None) or sorted({1, config.max_batch_size}))
+    classifier.warm_up(warm_up_batch_sizes(classifier.backend, device, config.max_batch_size))
     return classifier, info
+
+
+def warm_up_batch_sizes(backend: Backend, device: torch.device, max_batch_size: int) -> list[int]:
+    """`compile` builds one graph per padded batch size: all of them, not on first requests. On
+    CUDA the first call at each new batch size chooses and builds its kernels, and the batcher forms
+    every size up to the maximum: all of them too (a fraction of a second each on the GPU). On the
+    CPU a call at the largest size is what costs: the two ends."""
+    buckets = getattr(backend, "buckets", None)
+    if buckets:
+        return list(buckets)
+    if device.type == "cuda":
+        return list(range(1, max_batch_size + 1))
+    return sorted({1, max_batch_size})

@@ -106,11 +106,13 @@ def test_predictions_alone_equal_predictions_in_a_batch(batched_server, photos):
     alone = {name: predict_raw(batched_server.url, photos[name]).json()["predictions"] for name in names}
     with ThreadPoolExecutor(len(names)) as pool:
         together = dict(zip(names, pool.map(lambda n: predict_raw(batched_server.url, photos[n]).json(), names)))
+    # On CUDA each batch size has its own kernels (and TF32 convolutions): equal to 1e-3 there.
+    tolerance = 1e-3 if "cuda" in str(httpx.get(f"{batched_server.url}/info").json()["server"]["devices"]) else 1e-5
     for name in names:
         batched = together[name]["predictions"]
         assert [p["label"] for p in batched] == [p["label"] for p in alone[name]]
         for a, b in zip(alone[name], batched):
-            assert b["probability"] == pytest.approx(a["probability"], abs=1e-5)
+            assert b["probability"] == pytest.approx(a["probability"], abs=tolerance)
 
 
 def test_health_and_info(batched_server):

@@ -112,6 +112,11 @@ def test_impossible_combinations_are_one_clear_error():
         check_backend("onnxruntime", torch.device("cpu"), "bf16")
     with pytest.raises(ModelLoadError, match="openvino runs on the CPU"):
         check_backend("openvino", torch.device("cuda"), "fp32")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # said before any export
+        with pytest.raises(ModelLoadError, match="no CUDA provider"):
+            check_backend("onnxruntime", torch.device("cuda"), "fp32")
     if "BF16" not in openvino_capabilities():
         with pytest.raises(ModelLoadError, match="no native bf16"):
             check_backend("openvino", torch.device("cpu"), "bf16")

@@ -223,6 +223,7 @@ class _Bench:
 
     def run_rung(self, name: str, serve: ServeConfig, round_index: int) -> dict[str, Any]:
         before = self.ceilings(serve)
+        self.log(f"  {name} r{round_index + 1} ceilings: {_describe_ceilings(before)}")
         with ServerProcess.from_config(serve.replace(log_level="warning")) as server:
             levels = self.levels(f"{name} r{round_index + 1}", server.url, server.pid)
         after = self.ceilings(serve, best_of=before)
@@ -470,6 +471,17 @@ def _model_section(info: ModelInfo | None) -> dict[str, Any]:
 
 def _best_batch_size(rows: list[dict[str, Any]]) -> int:
     return max(rows, key=lambda row: row["img_per_s"])["batch_size"]
+
+
+def _describe_ceilings(ceilings: dict[str, Any]) -> str:
+    """One log line: each ceiling's best rate and batch size, and the accuracy guard's verdict."""
+    parts = []
+    for kind in ("model", "pipeline"):
+        best = max(ceilings[kind], key=lambda row: row["img_per_s"])
+        parts.append(f"{kind} {best['img_per_s']:,.1f} img/s at batch {best['batch_size']}")
+    guard = ceilings["accuracy"]
+    parts.append(f"accuracy guard {'ok' if guard['ok'] else 'FAILED'} (top-1 {guard['top1_agree']}/{guard['images']})")
+    return ", ".join(parts)
 
 
 def _peak(levels: list[dict[str, Any]]) -> float:
