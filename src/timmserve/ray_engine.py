@@ -48,6 +48,7 @@ class ClassifierReplica:
         self.classifier, info = start_worker_classifier(config, labels, torch.device(device), config.worker_count())
         self.limits = PayloadLimits(config.max_body_bytes, info.num_classes, config.top_k)
         self.metadata = metadata
+        self.device = str(self.classifier.device)
         replica = serve.get_replica_context().replica_id.unique_id
         self.headers = {REPLICA_HEADER: replica}
         if info.random_weights:
@@ -77,7 +78,7 @@ class ClassifierReplica:
 
     @app.get("/info")
     async def info(self) -> JSONResponse:
-        return JSONResponse({"model": self.metadata, "server": {"engine": "ray"}})
+        return JSONResponse({"model": self.metadata, "server": {"engine": "ray", "devices": [self.device]}})
 
 
 def build_app(config: ServeConfig) -> serve.Application:
@@ -93,6 +94,8 @@ def build_app(config: ServeConfig) -> serve.Application:
         },
         "max_ongoing_requests": 2 * config.max_batch_size,  # one batch running, one filling
         "max_queued_requests": config.queue_limit(),
+        # Replicas log at --log-level too (Ray's access line per request is INFO).
+        "logging_config": {"log_level": config.log_level.upper()},
     }
     if config.ray_max_replicas is not None:
         options["autoscaling_config"] = {"min_replicas": replicas, "max_replicas": config.ray_max_replicas}
@@ -112,9 +115,10 @@ def run_ray_server(config: ServeConfig) -> None:
     """Serve on Ray until SIGINT or SIGTERM: a local Ray instance, or the cluster at `ray_address`."""
     configure_logging(config.log_level, config.log_format)
     application = build_app(config)
-    stop_on_signals()
     try:
         ray.init(address=config.ray_address, include_dashboard=False, logging_level=config.log_level.upper())
+        # After ray.init, which installs a SIGTERM handler of its own that aborts the process.
+        stop_on_signals()
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(application, name=APP_NAME, route_prefix="/")
         logger.info("serving on Ray at http://%s:%d", config.host, config.port)

@@ -64,10 +64,10 @@ class ServerProcess:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGINT (LitServe's clean shutdown), then SIGKILL to the server's own session if stuck."""
+    def stop(self, timeout: float = 60.0, signum: int = signal.SIGINT) -> int | None:
+        """SIGINT or SIGTERM (a clean shutdown), then SIGKILL to the server's own session if stuck."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(signum)
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
