@@ -94,6 +94,7 @@ def build_app(config: ServeConfig) -> serve.Application:
         },
         "max_ongoing_requests": 2 * config.max_batch_size,  # one batch running, one filling
         "max_queued_requests": config.queue_limit(),
+        "graceful_shutdown_timeout_s": config.grace_period,
         # Replicas log at --log-level too (Ray's access line per request is INFO).
         "logging_config": {"log_level": config.log_level.upper()},
     }
@@ -130,5 +131,8 @@ def run_ray_server(config: ServeConfig) -> None:
         raise ModelLoadError(f"Ray Serve could not start the application: {exc}") from None
     finally:
         if ray.is_initialized():
+            # Deleting the application first lets every replica finish the requests it holds (up
+            # to --grace-period); serve.shutdown() alone stops the proxy with them in flight.
+            serve.delete(APP_NAME)
             serve.shutdown()
             ray.shutdown()

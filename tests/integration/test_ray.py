@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -50,12 +51,43 @@ def test_two_ray_replicas_both_serve(ray_server, photos):
     assert httpx.get(f"{ray_server.url}/info").json()["model"]["config"]["engine"] == "ray"
 
 
-def test_ray_engine_shuts_down_cleanly(ray_server):
+def test_ray_engine_shuts_down_cleanly(ray_server, photos):
     """Last in this module: it stops the shared Ray server. SIGTERM, what a supervisor sends (Ray's
-    own handler for it aborted the process until ours was installed after ray.init)."""
+    own handler for it aborted the process until ours was installed after ray.init), under steady
+    load: every request is answered or refused, none is cut off (serve.shutdown() alone cut them
+    off), and requests in flight at the signal are answered."""
+    outcomes: list[tuple[str, float]] = []  # (outcome, when it completed)
+    jpeg = {"Content-Type": "image/jpeg"}
+    stopping = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stopping.is_set():
+                try:
+                    response = http.post(f"{ray_server.url}/predict", content=photos["cat"], headers=jpeg)
+                    outcome = str(response.status_code)
+                except httpx.ConnectError:
+                    outcome = "refused"  # the port was closed: never admitted
+                except httpx.TransportError as error:
+                    outcome = type(error).__name__  # cut off mid-flight
+                outcomes.append((outcome, time.monotonic()))
+                if outcome != "200":
+                    return
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while len(outcomes) < 16 and time.monotonic() < deadline:  # load flowing through both replicas
+        time.sleep(0.05)
+    signalled = time.monotonic()
     assert ray_server.stop(signum=signal.SIGTERM) == 0
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{ray_server.url}/health", timeout=2)
+    stopping.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    # Requests that reach the proxy after the application is deleted get Ray's 404.
+    assert {outcome for outcome, _ in outcomes} <= {"200", "404", "refused"}, outcomes
+    assert any(outcome == "200" and when > signalled for outcome, when in outcomes), "nothing in flight was answered"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # Ray's own processes (raylet, GCS, replicas) included
         try:
