@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from timmserve.api import RANDOM_WEIGHTS_HEADER
 from timmserve.classifier import Result, start_worker_classifier
 from timmserve.config import ServeConfig
-from timmserve.errors import ModelLoadError, RequestError
+from timmserve.errors import ConfigError, ModelLoadError, RequestError
 from timmserve.logs import configure_logging
 from timmserve.payload import ImageRequest, PayloadLimits, parse_predict_request, predictions_body
 from timmserve.server import check_model, resolve_accelerator, stop_on_signals
@@ -127,6 +127,11 @@ def run_ray_server(config: ServeConfig) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         logger.info("shutting down Ray Serve")
+    except ConnectionError as exc:  # --ray-address: no cluster there, or it refused this process
+        raise ConfigError(
+            f"cannot join the Ray cluster at {config.ray_address} ({exc}); a cluster with token "
+            "authentication also needs RAY_AUTH_MODE=token and its token here (see `ray get-auth-token`)"
+        ) from None
     except RuntimeError as exc:
         raise ModelLoadError(f"Ray Serve could not start the application: {exc}") from None
     finally:
