@@ -116,12 +116,14 @@ def run_ray_server(config: ServeConfig) -> None:
     """Serve on Ray until SIGINT or SIGTERM: a local Ray instance, or the cluster at `ray_address`."""
     configure_logging(config.log_level, config.log_format)
     application = build_app(config)
+    deployed = False
     try:
         ray.init(address=config.ray_address, include_dashboard=False, logging_level=config.log_level.upper())
         # After ray.init, which installs a SIGTERM handler of its own that aborts the process.
         stop_on_signals()
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(application, name=APP_NAME, route_prefix="/")
+        deployed = True
         logger.info("serving on Ray at http://%s:%d", config.host, config.port)
         while True:
             time.sleep(3600)
@@ -135,9 +137,10 @@ def run_ray_server(config: ServeConfig) -> None:
     except RuntimeError as exc:
         raise ModelLoadError(f"Ray Serve could not start the application: {exc}") from None
     finally:
-        if ray.is_initialized():
+        if deployed:
             # Deleting the application first lets every replica finish the requests it holds (up
             # to --grace-period); serve.shutdown() alone stops the proxy with them in flight.
             serve.delete(APP_NAME)
+        if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()

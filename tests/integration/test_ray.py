@@ -88,6 +88,8 @@ def test_ray_engine_shuts_down_cleanly(ray_server, photos):
     # Requests that reach the proxy after the application is deleted get Ray's 404.
     assert {outcome for outcome, _ in outcomes} <= {"200", "404", "refused"}, outcomes
     assert any(outcome == "200" and when > signalled for outcome, when in outcomes), "nothing in flight was answered"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{ray_server.url}/health", timeout=2)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # Ray's own processes (raylet, GCS, replicas) included
         try:
