@@ -24,10 +24,10 @@ from queue import Queue
 from typing import Any
 
 from litserve import LitAPI
-from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError  # the pinned version's stop signal
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.transport.base import MessageTransport
-from litserve.utils import LitAPIStatus, LoopResponseType
+
+from timmserve import litserve_internals
 
 # How long the first `get` blocks before the loop goes round again (LitServe's own stop signal
 # arrives through the queue, so this only bounds how stale the loop may be).
@@ -54,17 +54,6 @@ class DrainingBatchLoop(BatchedLoop):
         return payloads, []
 
     def _accept(self, item: Any, lit_api: LitAPI, transport: MessageTransport) -> tuple[Any, ...]:
-        if item == _SENTINEL_VALUE:
-            raise _StopLoopError()
-        response_queue_id, uid, _timestamp, payload = item
-        # LitServe's START message tells the API server which worker holds the request (so a worker's
-        # death fails only its own requests, with 503).
-        self.put_response(
-            transport=transport,
-            response_queue_id=response_queue_id,
-            uid=uid,
-            response_data=(),
-            status=LitAPIStatus.START,
-            response_type=LoopResponseType.REGULAR,
-        )
+        response_queue_id, uid, payload = litserve_internals.unpack(item)  # StopLoop on the stop signal
+        litserve_internals.send_start(self, transport, response_queue_id, uid)
         return response_queue_id, uid, payload

@@ -151,29 +151,30 @@ def resolve_backend(config: ServeConfig, loaded: LoadedModel, device: torch.devi
     return name
 
 
-def prepare_backend(config: ServeConfig, loaded: LoadedModel, device: torch.device, workers: int) -> ServeConfig:
+def prepare_backend(config: ServeConfig, loaded: LoadedModel, device: torch.device) -> ServeConfig:
     """Run once in the main process, before any worker starts: resolve `auto` and export the
     backend's artifact into the cache (and prove it runs), so every worker only loads it; the
-    config returned names the backend the workers build."""
+    config returned names the backend the workers build. `auto` is timed with the workers' own
+    thread count (`config.torch_threads`, resolved by startup.resolve_machine)."""
     if config.backend in ("eager", "compile"):
         return config
-    torch.set_num_threads(config.torch_threads_per_worker(workers))  # measure `auto` as a worker runs
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)  # measure as a worker runs
     if config.backend == "auto":
         return config.replace(backend=resolve_backend(config, loaded, device))  # built every candidate
     create_backend(config.backend, loaded.model, backend_spec(config, loaded.info, device))
     return config
 
 
-def start_worker_classifier(
-    config: ServeConfig, labels: Sequence[str], device: torch.device, workers: int
-) -> tuple[Classifier, ModelInfo]:
+def start_worker_classifier(config: ServeConfig, labels: Sequence[str], device: torch.device) -> Classifier:
     """What a server worker (LitServe) or replica (Ray) runs at start-up: its share of the cores as
-    intra-op threads, the model loaded, warm-up calls at the batch sizes it will see."""
-    # CPU workers share the cores; GPU workers barely use intra-op threads, so one rule serves both.
-    torch.set_num_threads(config.torch_threads_per_worker(workers))
-    classifier, info = build_classifier(config, labels, device)
+    intra-op threads (`config.torch_threads`, resolved once by startup.resolve_machine), the model
+    loaded, warm-up calls at the batch sizes it will see."""
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    classifier, _info = build_classifier(config, labels, device)
     classifier.warm_up(warm_up_batch_sizes(classifier.backend, device, config.max_batch_size))
-    return classifier, info
+    return classifier
 
 
 def warm_up_batch_sizes(backend: Backend, device: torch.device, max_batch_size: int) -> list[int]:

@@ -8,18 +8,22 @@
         ├── InvalidRequestError     400: malformed body, missing field, bad top_k
         ├── InvalidImageError       400: the bytes are not a decodable image
         ├── PayloadTooLargeError    413: body or pixel count over the limit
+        ├── UnknownModelError       404: no model of that name (Open Inference Protocol URLs)
         ├── UnsupportedMediaError   415: content type or image format not accepted
         ├── UnavailableError        503, with Retry-After
         │   ├── OverloadedError     the queue is at its limit
         │   └── WorkerLostError     the worker with the request died (it is being replaced)
         ├── AnswerTimeoutError      504: no answer within the request timeout
-        └── ClientGoneError         499: the client disconnected before its answer (never sent)
+        ├── ClientGoneError         499: the client disconnected before its answer (never sent)
+        └── InternalError           500: a bug, logged with its traceback and request id
 
 A RequestError raised while handling one item of a batch is returned as a value for that item,
 never raised across the batch, so one bad image costs only its own request.
 """
 
 from __future__ import annotations
+
+import copy
 
 
 class TimmServeError(Exception):
@@ -53,6 +57,13 @@ class RequestError(TimmServeError):
         self.detail = detail
         self.headers: dict[str, str] = {}
 
+    def with_detail(self, detail: str) -> RequestError:
+        """The same error (status, headers) with another detail, e.g. naming the image it is about."""
+        other = copy.copy(self)
+        other.detail = detail
+        other.args = (detail,)
+        return other
+
 
 class InvalidRequestError(RequestError):
     status_code = 400
@@ -64,6 +75,10 @@ class InvalidImageError(RequestError):
 
 class PayloadTooLargeError(RequestError):
     status_code = 413
+
+
+class UnknownModelError(RequestError):
+    status_code = 404
 
 
 class UnsupportedMediaError(RequestError):
@@ -94,3 +109,9 @@ class AnswerTimeoutError(RequestError):
 
 class ClientGoneError(RequestError):
     status_code = 499  # nginx's "client closed request": only ever seen in logs and metrics
+
+
+class InternalError(RequestError):
+    """500: the server failed, not the request; the log has the traceback under the request id."""
+
+    status_code = 500

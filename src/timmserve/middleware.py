@@ -3,6 +3,7 @@
 - RequestContext (outermost): a request id (the client's `X-Request-ID` when it is a sane token,
   else a new one) on the response and in the access log line, the request counter and latency
   histogram by endpoint and status.
+- ResponseHeaders: fixed headers on every response (the random-weights warning).
 - ApiKeyAuth: with an API key set, every route but the probes and the static pages answers 401
   without it. The key is compared in constant time.
 """
@@ -92,6 +93,26 @@ class RequestContext:
                     "client": (scope.get("client") or ("-",))[0],
                 },
             )
+
+
+class ResponseHeaders:
+    """Adds the same headers to every response the wrapped app sends."""
+
+    def __init__(self, app: ASGIApp, headers: dict[str, str]) -> None:
+        self.app = app
+        self.headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *self.headers]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class ApiKeyAuth:

@@ -5,92 +5,100 @@ batch function with its per-request errors (`Classifier.classify`), the body par
 answers are the same code. Dynamic batching is Ray Serve's `@serve.batch` with the same max batch
 size and wait; replicas take the place of workers (`--workers-per-device` × devices, or
 autoscaling up to `--ray-max-replicas`); Ray's own queue bound (`max_queued_requests`) answers 503
-beyond `--max-queue`. Ray Serve brings its own metrics, health checking and rolling updates; the
-LitServe engine's admission slots, `/metrics`, API key and request ids are not part of this shell.
+beyond `--max-queue`. The HTTP layer is the LitServe engine's own (routes.py): `/predict`, the Open
+Inference Protocol under `/v2`, the error bodies, the API key, request ids and the access log. Not
+here: the LitServe engine's admission slots and the end-to-end `--timeout` (Ray's queue bound and
+its own request timeout take their place), and `/metrics` (Ray Serve exports its own).
 """
 
-# No `from __future__ import annotations` here: Ray pickles the deployment class by value, and
-# FastAPI must still resolve `request: Request` to a type, not a string, in the replica.
+# No `from __future__ import annotations` here: Ray pickles the deployment class by value.
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import ray
-import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from ray import serve
+from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 
-from timmserve.api import RANDOM_WEIGHTS_HEADER
+from timmserve import routes
 from timmserve.classifier import Result, start_worker_classifier
 from timmserve.config import ServeConfig
-from timmserve.errors import ConfigError, ModelLoadError, RequestError
+from timmserve.errors import ConfigError, ModelLoadError
 from timmserve.logs import configure_logging
-from timmserve.payload import ImageRequest, PayloadLimits, parse_predict_request, predictions_body
-from timmserve.server import check_model, resolve_accelerator, stop_on_signals
+from timmserve.middleware import ResponseHeaders
+from timmserve.payload import ImageRequest, PayloadLimits
+from timmserve.server import stop_on_signals
+from timmserve.startup import Prepared, oip_model_name, prepare
 
 logger = logging.getLogger(__name__)
 
 REPLICA_HEADER = "X-Timmserve-Replica"
 APP_NAME = "timmserve"
 
-app = FastAPI(title="timmserve (Ray Serve)")
-
 
 @serve.deployment
-@serve.ingress(app)
+@serve.ingress()
 class ClassifierReplica:
-    """One replica: a copy of the model, its batcher, and the HTTP contract of `POST /predict`."""
+    """One replica: a copy of the model, its batcher, and timmserve's HTTP contract (routes.py)."""
 
-    def __init__(self, config: ServeConfig, labels: list[str], metadata: dict[str, Any], device: str) -> None:
+    def __init__(self, prepared: Prepared, api_key: str | None) -> None:
+        """`api_key` is read once, in the process that deploys (a replica may run on another machine)."""
+        config = prepared.config
         configure_logging(config.log_level, config.log_format)
-        self.classifier, info = start_worker_classifier(config, labels, torch.device(device), config.worker_count())
-        self.limits = PayloadLimits(config.max_body_bytes, info.num_classes, config.top_k)
-        self.metadata = metadata
-        self.device = str(self.classifier.device)
-        replica = serve.get_replica_context().replica_id.unique_id
-        self.headers = {REPLICA_HEADER: replica}
-        if info.random_weights:
-            self.headers[RANDOM_WEIGHTS_HEADER] = "true; throughput studies only"
+        self.prepared = prepared
+        self.api_key = api_key
+        self.classifier = start_worker_classifier(config, prepared.labels, prepared.device)
         self.classify_batch.set_max_batch_size(config.max_batch_size)
         self.classify_batch.set_batch_wait_timeout_s(config.batch_timeout)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The replica's FastAPI app (Ray calls this once the constructor has finished)."""
+        config, info = self.prepared.config, self.prepared.info
+        app = FastAPI(title="timmserve (Ray Serve)")
+        server = {"engine": "ray", "devices": [str(self.classifier.device)]}
+        metadata = {"model": self.prepared.metadata, "server": server}
+
+        @app.get("/health")
+        async def health() -> PlainTextResponse:
+            return PlainTextResponse("ok")  # Ray routes only to replicas whose constructor finished
+
+        @app.get("/info")
+        async def info_endpoint() -> JSONResponse:
+            return JSONResponse(metadata)
+
+        service = routes.InferenceService(
+            model_name=oip_model_name(info),
+            limits=PayloadLimits(config.max_body_bytes, info.num_classes, config.top_k),
+            classify=self.classify,
+            ready=lambda: True,  # as /health
+        )
+        routes.install(app, service, api_key=self.api_key, random_weights=info.random_weights)
+        app.add_middleware(ResponseHeaders, headers={REPLICA_HEADER: serve.get_replica_context().replica_id.unique_id})
+        return app
+
+    async def classify(self, images: Sequence[ImageRequest], request: Request) -> list[Result]:
+        """routes.Classify: each image through the replica's batcher, concurrently."""
+        return list(await asyncio.gather(*(self.classify_batch(image) for image in images)))
 
     @serve.batch
     async def classify_batch(self, requests: list[ImageRequest]) -> list[Result]:
         # Off the event loop, so requests keep arriving (and the next batch filling) meanwhile.
         return await asyncio.to_thread(self.classifier.classify, requests)
 
-    @app.post("/predict")
-    async def predict(self, request: Request) -> JSONResponse:
-        try:
-            result = await self.classify_batch(await parse_predict_request(request, self.limits))
-            if isinstance(result, RequestError):
-                raise result
-        except RequestError as error:
-            headers = {**self.headers, **error.headers}
-            return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=headers)
-        return JSONResponse(predictions_body(result), headers=self.headers)
-
-    @app.get("/health")
-    async def health(self) -> PlainTextResponse:
-        return PlainTextResponse("ok")  # Ray routes only to replicas whose constructor finished
-
-    @app.get("/info")
-    async def info(self) -> JSONResponse:
-        return JSONResponse({"model": self.metadata, "server": {"engine": "ray", "devices": [self.device]}})
-
 
 def build_app(config: ServeConfig) -> serve.Application:
     """The Ray Serve application for the config; the model is checked in this process first."""
-    accelerator = resolve_accelerator(config)
-    config, _info, labels, metadata = check_model(config, accelerator)
-    replicas = config.worker_count()
-    threads = config.torch_threads_per_worker(replicas)
+    api_key = config.api_key()
+    prepared = prepare(config)
+    config = prepared.config
     options: dict[str, Any] = {
         "ray_actor_options": {
-            "num_cpus": threads,
-            "num_gpus": 1 / config.workers_per_device if accelerator == "cuda" else 0,
+            "num_cpus": config.torch_threads,
+            "num_gpus": 1 / config.workers_per_device if config.accelerator == "cuda" else 0,
         },
         "max_ongoing_requests": 2 * config.max_batch_size,  # one batch running, one filling
         "max_queued_requests": config.queue_limit(),
@@ -98,12 +106,13 @@ def build_app(config: ServeConfig) -> serve.Application:
         # Replicas log at --log-level too (Ray's access line per request is INFO).
         "logging_config": {"log_level": config.log_level.upper()},
     }
+    replicas = config.worker_count()
     if config.ray_max_replicas is not None:
         options["autoscaling_config"] = {"min_replicas": replicas, "max_replicas": config.ray_max_replicas}
     else:
         options["num_replicas"] = replicas
-    device = "cuda" if accelerator == "cuda" else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per replica
-    return ClassifierReplica.options(**options).bind(config, labels, metadata, device)
+    # Ray sets CUDA_VISIBLE_DEVICES per replica: "cuda" is that replica's GPU.
+    return ClassifierReplica.options(**options).bind(prepared, api_key)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

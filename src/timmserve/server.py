@@ -21,30 +21,19 @@ from types import FrameType
 from typing import Any
 
 import litserve as ls
-import torch
-from litserve.loops.base import _SENTINEL_VALUE  # LitServe's own stop signal for a worker loop (pinned version)
 from starlette.responses import HTMLResponse
 
-from timmserve import openapi
-from timmserve.api import PREDICT_PATH, ClassifierAPI
-from timmserve.classifier import prepare_backend
+from timmserve import litserve_internals, metrics, openapi, routes
+from timmserve.admission import Admission
 from timmserve.config import ServeConfig
 from timmserve.errors import ModelLoadError
-from timmserve.labels import load_labels
+from timmserve.frontend import QUEUE_PATH, QueueFrontend
 from timmserve.logs import configure_logging
-from timmserve.metrics import metrics_directory
-from timmserve.middleware import ApiKeyAuth, RequestContext
-from timmserve.model import ModelInfo, check_precision_supported, load_model
+from timmserve.payload import PayloadLimits
+from timmserve.startup import oip_model_name, prepare
+from timmserve.worker import ClassifierAPI
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_accelerator(config: ServeConfig) -> str:
-    if config.accelerator == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if config.accelerator == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("--accelerator cuda was asked for, but torch sees no CUDA device")
-    return config.accelerator
 
 
 class TimmServer(ls.LitServer):
@@ -56,7 +45,10 @@ class TimmServer(ls.LitServer):
     it has (uvicorn's graceful shutdown), within one shared grace period, while the workers keep
     answering; then each worker gets LitServe's stop sentinel on its queue; then the manager
     stops. The children ignore SIGTERM and SIGINT themselves (see `stop_on_signals`), so a signal
-    sent to the whole process group (Ctrl-C, systemd) drains the same way."""
+    sent to the whole process group (Ctrl-C, systemd) drains the same way.
+
+    The LitServer methods overridden here are private (litserve_internals.OVERRIDDEN_SERVER_METHODS,
+    checked against the installed LitServe by the tests)."""
 
     grace_period: float = 30.0
 
@@ -120,9 +112,9 @@ class TimmServer(ls.LitServer):
             process.terminate()  # SIGTERM: uvicorn stops accepting, finishes in-flight requests
         _join_or_kill(api_servers, started + self.grace_period, "API server")
         drained = time.monotonic() - started
-        request_queue = self._get_request_queue(PREDICT_PATH)
+        request_queue = self._get_request_queue(QUEUE_PATH)
         for _ in self.inference_workers:
-            request_queue.put(_SENTINEL_VALUE)  # the worker's loop returns when it takes one
+            request_queue.put(litserve_internals.STOP)  # the worker's loop returns when it takes one
         _join_or_kill(self.inference_workers, time.monotonic() + 5, "inference worker")
         manager.shutdown()
         logger.info("stopped", extra={"drain_s": round(drained, 2), "total_s": round(time.monotonic() - started, 2)})
@@ -160,41 +152,36 @@ def _join_or_kill(processes: list[BaseProcess], deadline: float, kind: str) -> N
             process.join()
 
 
-def check_model(config: ServeConfig, accelerator: str) -> tuple[ServeConfig, ModelInfo, list[str], dict[str, Any]]:
-    """Load the model and its labels once in this process, so that anything wrong is one clear
-    error before any worker or replica starts, and prepare its backend (`auto` resolved, artifacts
-    exported); returns the config the workers get, the model's info, labels and /info metadata."""
-    device = torch.device(accelerator)
-    check_precision_supported(device, config.precision)
-    loaded = load_model(config)  # the workers load their own copy
-    labels = load_labels(loaded.info.num_classes, label_file=config.labels, model_label_names=loaded.info.label_names)
-    config = prepare_backend(config, loaded, device, config.worker_count())
-    metadata: dict[str, Any] = {**loaded.info.as_dict(), "labels": len(labels), "config": config.as_dict()}
-    return config, loaded.info, labels, metadata
-
-
 def build_server(config: ServeConfig) -> TimmServer:
     """A server for the config; raises ConfigError or ModelLoadError for anything wrong with the
     settings, the model or the labels."""
     api_key = config.api_key()
-    accelerator = resolve_accelerator(config)
-    config, info, labels, metadata = check_model(config, accelerator)
+    prepared = prepare(config)
+    config = prepared.config
+    # Created here, in the main process: LitServe forks the API servers and hands the LitAPI to the
+    # spawned workers, so all of them share the admission slots' memory.
+    admission = Admission(config.queue_limit())
+    frontend = QueueFrontend(admission, timeout=config.timeout)
     server = TimmServer(
-        ClassifierAPI(config, info, labels),
-        accelerator=accelerator,
-        devices=config.devices or "auto",
+        ClassifierAPI(config, prepared.labels, frontend),
+        accelerator=config.accelerator,
+        devices=config.devices,
         workers_per_device=config.workers_per_device,
-        timeout=False,  # ClassifierSpec owns the end-to-end request timeout
-        model_metadata=metadata,
+        timeout=False,  # QueueFrontend owns the end-to-end request timeout
+        model_metadata=prepared.metadata,
         restart_workers=True,
     )
     server.grace_period = config.grace_period
     _serve_demo_page(server)
+    service = routes.InferenceService(
+        model_name=oip_model_name(prepared.info),
+        limits=PayloadLimits(config.max_body_bytes, prepared.info.num_classes, config.top_k),
+        classify=frontend.classify,
+        ready=frontend.ready,
+        metrics=lambda: metrics.render(admission),
+    )
+    routes.install(server.app, service, api_key=api_key, random_weights=prepared.info.random_weights)
     openapi.document(server.app)
-    known_paths = frozenset(route.path for route in server.app.routes if "{" not in getattr(route, "path", "{"))
-    if api_key is not None:
-        server.app.add_middleware(ApiKeyAuth, api_key=api_key)
-    server.app.add_middleware(RequestContext, known_paths=known_paths)  # outermost: added last
     return server
 
 
@@ -212,7 +199,7 @@ def _serve_demo_page(server: ls.LitServer) -> None:
 def run_server(config: ServeConfig) -> None:
     """Serve until SIGINT or SIGTERM, then drain (see TimmServer)."""
     log_config = configure_logging(config.log_level, config.log_format)
-    with metrics_directory():
+    with metrics.metrics_directory():
         server = build_server(config)
         # LitServe shuts down cleanly on KeyboardInterrupt only: without this, SIGTERM leaves the
         # API-server and worker processes alive, holding the port.

@@ -286,7 +286,7 @@ def test_request_ids_are_returned_and_logged_as_json(start_server, photos):
     entries, access = logged(), access_lines()
     assert access["trace-42.a"]["status"] == 200 and access["trace-42.a"]["message"] == "POST /predict 200"
     assert access[new_id]["status"] == 400 and access[new_id]["duration_ms"] > 0
-    rejected = [e for e in entries if e.get("request_id") == new_id and e["logger"] == "timmserve.api"]
+    rejected = [e for e in entries if e.get("request_id") == new_id and e["logger"] == "timmserve.worker"]
     assert rejected and "not an image" in rejected[0]["message"]  # the worker's log line carries the id too
 
 

@@ -42,7 +42,7 @@ from timmserve.errors import ConfigError
 from timmserve.labels import load_labels
 from timmserve.model import ModelInfo, load_model
 from timmserve.photos import reference_photos
-from timmserve.server import resolve_accelerator
+from timmserve.startup import resolve_accelerator
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 CLIENT_BOUND_SHARE = 0.7  # a level served at ≥ 70% of the client's capacity is client-bound

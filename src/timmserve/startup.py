@@ -1,0 +1,82 @@
+"""One start-up path for every engine and the bench: resolve the machine, check the model once.
+
+`prepare(config)` runs in the main process before any worker or replica starts, so anything wrong
+with the settings, the model, its weights or its labels is one clear error at once. It resolves
+what the config left to the machine — the accelerator, the device count, the threads per worker —
+into the config it returns, so that every later step (the backend's `auto` timing, the workers,
+Ray's replica count and CPU shares, the queue limit) uses the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from timmserve.classifier import prepare_backend
+from timmserve.config import ServeConfig
+from timmserve.errors import ModelLoadError
+from timmserve.labels import load_labels
+from timmserve.model import ModelInfo, check_precision_supported, load_model
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every worker or replica is started from."""
+
+    config: ServeConfig  # accelerator, devices, torch_threads and backend resolved
+    info: ModelInfo
+    labels: list[str]
+    metadata: dict[str, Any]  # /info's "model": the model's info, label count, the config
+
+    @property
+    def device(self) -> torch.device:
+        """The device type workers run on (LitServe and Ray pick the index per worker)."""
+        return torch.device(self.config.accelerator)
+
+
+def resolve_accelerator(config: ServeConfig) -> str:
+    """"cpu" or "cuda"; raises ModelLoadError when CUDA is asked for and torch sees none."""
+    if config.accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if config.accelerator == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--accelerator cuda was asked for, but torch sees no CUDA device")
+    return config.accelerator
+
+
+def resolve_machine(config: ServeConfig) -> ServeConfig:
+    """The config with `accelerator` ("cpu"/"cuda"), `devices` (every GPU unless given; 1 on the
+    CPU) and `torch_threads` (the machine's cores shared out between all workers unless given)
+    made explicit. Raises ModelLoadError when asked for more GPUs than torch sees."""
+    accelerator = resolve_accelerator(config)
+    available = torch.cuda.device_count() if accelerator == "cuda" else 1
+    devices = config.devices or available
+    if devices > available:
+        raise ModelLoadError(f"--devices {devices} was asked for, but torch sees {available} {accelerator} device(s)")
+    resolved = config.replace(accelerator=accelerator, devices=devices)
+    if resolved.torch_threads is None:
+        # CPU workers share the cores; GPU workers barely use intra-op threads, so one rule serves both.
+        resolved = resolved.replace(torch_threads=max(1, (os.cpu_count() or 1) // resolved.worker_count()))
+    return resolved
+
+
+def prepare(config: ServeConfig) -> Prepared:
+    """Resolve the machine, load the model and labels once, and prepare the backend (`auto`
+    resolved, artifacts exported into the cache so workers only load them). Raises ConfigError or
+    ModelLoadError for anything wrong with the settings, the model, its weights or its labels."""
+    config = resolve_machine(config)
+    device = torch.device(config.accelerator)
+    check_precision_supported(device, config.precision)
+    loaded = load_model(config)  # the workers load their own copy
+    labels = load_labels(loaded.info.num_classes, label_file=config.labels, model_label_names=loaded.info.label_names)
+    config = prepare_backend(config, loaded, device)
+    metadata: dict[str, Any] = {**loaded.info.as_dict(), "labels": len(labels), "config": config.as_dict()}
+    return Prepared(config=config, info=loaded.info, labels=labels, metadata=metadata)
+
+
+def oip_model_name(info: ModelInfo) -> str:
+    """The model's name in /v2 URLs: the timm name, or a model folder's own name."""
+    return Path(info.name).name

@@ -1,0 +1,115 @@
+"""The LitServe engine's inference worker: the LitAPI that LitServe runs in each worker process.
+
+LitServe's loop (batching.DrainingBatchLoop when batching) hands `predict` the images queued by the
+API servers (frontend.QueuedImage). The worker drops those whose request is gone (their admission
+slot was freed: answered 504, client left), classifies the rest as one batch, checks the batch
+contract (one result per image), records metrics, and returns one `list[Prediction] |
+RequestError` per image as is: the HTTP endpoints encode it (routes.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Sequence
+
+import litserve as ls
+import torch
+
+from timmserve import metrics
+from timmserve.admission import Admission
+from timmserve.batching import DrainingBatchLoop
+from timmserve.classifier import Classifier, Result, start_worker_classifier
+from timmserve.config import ServeConfig
+from timmserve.errors import ClientGoneError, InternalError, RequestError
+from timmserve.frontend import QueuedImage, QueueFrontend
+from timmserve.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+# The answer for an image whose request has gone: no one receives it.
+ABANDONED = ClientGoneError("the request had already been answered or abandoned")
+
+
+class ClassifierAPI(ls.LitAPI):
+    """Runs in each inference worker. `__init__` stores config only (in the main process); `setup`
+    loads the model (in the worker)."""
+
+    def __init__(self, config: ServeConfig, labels: Sequence[str], frontend: QueueFrontend) -> None:
+        """`config` as resolved by startup.prepare; `frontend` is the API servers' side, whose
+        admission slots tell the worker which images are still wanted."""
+        super().__init__(
+            max_batch_size=config.max_batch_size,
+            batch_timeout=config.batch_timeout,
+            api_path=frontend.api_path,
+            loop=DrainingBatchLoop() if config.max_batch_size > 1 else "auto",
+            spec=frontend,
+        )
+        self.config = config
+        self.labels = list(labels)
+        self.admission: Admission = frontend.admission
+        self.classifier: Classifier | None = None
+
+    def setup(self, device: str) -> None:
+        started = time.monotonic()
+        config = self.config
+        configure_logging(config.log_level, config.log_format)
+        # Ctrl-C (or systemd's SIGTERM) reaches the whole process group: the main process drains
+        # the API servers first and stops the workers after, so a worker must not die of it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.classifier = start_worker_classifier(config, self.labels, torch.device(device))
+        load_seconds = time.monotonic() - started
+        metrics.worker_metrics().model_load.set(load_seconds)
+        logger.info("worker ready on %s", device, extra={"load_seconds": round(load_seconds, 2)})
+
+    def decode_request(self, request: QueuedImage) -> QueuedImage:
+        return request  # parsed in the API process; decoded per image inside `classify`
+
+    def batch(self, inputs: list[QueuedImage]) -> list[QueuedImage]:
+        return inputs
+
+    def predict(self, x: list[QueuedImage] | QueuedImage) -> list[Result] | Result:
+        if self.max_batch_size > 1:
+            return self.classify(x)
+        return self.classify([x])[0]
+
+    def classify(self, queued: list[QueuedImage]) -> list[Result]:
+        """One result per queued image; images that nobody waits for any more are skipped. Raises
+        InternalError when the classifier breaks the batch contract (a bug)."""
+        started = time.monotonic()
+        wanted = [self.admission.is_live(item.ticket) for item in queued]
+        live = [item for item, keep in zip(queued, wanted) if keep]
+        try:
+            answers = self.classifier.classify([item.image for item in live]) if live else []
+            if len(answers) != len(live):  # as Ray Serve's batcher checks its batch functions
+                raise InternalError(f"the classifier returned {len(answers)} results for {len(live)} images")
+        except Exception:
+            logger.exception("a batch failed", extra={"request_ids": [item.request_id for item in live]})
+            raise
+        self._record(started, live, answers, abandoned=len(queued) - len(live))
+        remaining = iter(answers)
+        return [next(remaining) if keep else ABANDONED for keep in wanted]
+
+    def _record(self, started: float, live: list[QueuedImage], answers: list[Result], abandoned: int) -> None:
+        worker = metrics.worker_metrics()
+        rejected = 0
+        for item, answer in zip(live, answers):
+            worker.queue_wait.observe(started - item.admitted_at)
+            if isinstance(answer, RequestError):
+                rejected += 1
+                level = logging.ERROR if isinstance(answer, InternalError) else logging.INFO
+                logger.log(level, "image rejected: %s", answer.detail, extra={"request_id": item.request_id})
+        if live:
+            worker.batch_size.observe(len(live))
+            worker.batch_duration.observe(time.monotonic() - started)
+        for outcome, count in (("classified", len(live) - rejected), ("rejected", rejected), ("abandoned", abandoned)):
+            if count:
+                worker.images.labels(outcome).inc(count)
+
+    def unbatch(self, output: list[Result]) -> list[Result]:
+        return output
+
+    def encode_response(self, output: Result) -> Result:
+        return output  # encoded once, by the HTTP endpoint (routes.py)
