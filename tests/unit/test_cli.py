@@ -83,14 +83,19 @@ def test_bench_set_is_validated_like_a_config_file():
         _bench_config(ctx, None, ("fast_decode=no",), False, {})
 
 
-@pytest.mark.parametrize("command", ["serve", "bench"])
-def test_a_config_file_with_a_bad_type_exits_1_with_one_line(tmp_path, command):
+@pytest.mark.parametrize(
+    ("command", "toml", "message"),
+    [
+        ("serve", 'channels_last = "false"', "channels_last must be true or false (got 'false')"),
+        ("bench", 'rounds = "2"', "rounds must be an integer ≥ 1 (got '2')"),
+    ],
+)
+def test_a_config_file_with_a_bad_type_exits_1_with_one_line(tmp_path, command, toml, message):
     path = tmp_path / "settings.toml"
-    path.write_text('rounds = "2"\n' if command == "bench" else 'channels_last = "false"\n')
+    path.write_text(toml + "\n")
     result = CliRunner().invoke(cli, [command, "--config", str(path)], standalone_mode=False)
     assert result.exit_code == 1 and isinstance(result.exception, ConfigError)
-    setting = "rounds" if command == "bench" else "channels_last"
-    assert re.fullmatch(rf"{setting} must be [^\n]+ \(got '[a-z0-9]+'\)", str(result.exception))
+    assert str(result.exception) == message  # what `main` prints after "Error: "
 
 
 def test_option_help_types_and_defaults_come_from_the_schema():
@@ -100,16 +105,13 @@ def test_option_help_types_and_defaults_come_from_the_schema():
         assert params[name].help == field.description
     assert params["precision"].type.choices == ("fp32", "fp16", "bf16") and params["precision"].default == "fp32"
     assert params["devices"].show_default == "all of the accelerator's"
-    assert params["fast_decode"].opts == ["--fast-decode"] and params["fast_decode"].secondary_opts == [
-        "--no-fast-decode"
-    ]
-    assert params["channels_last"].is_flag and params["channels_last"].secondary_opts == []
-    bench_params = {param.name: param for param in bench.params}
-    assert (
-        bench_params["rates"].opts == ["--rate"]
-        and bench_params["rates"].help == BenchConfig.model_fields["rates"].description
-    )
-    assert bench_params["concurrency"].type.convert("1,8", None, None) == (1, 8)
+    fast_decode, channels_last = params["fast_decode"], params["channels_last"]
+    assert (fast_decode.opts, fast_decode.secondary_opts) == (["--fast-decode"], ["--no-fast-decode"])
+    assert channels_last.is_flag and (channels_last.opts, channels_last.secondary_opts) == (["--channels-last"], [])
+    rates = next(param for param in bench.params if param.name == "rates")
+    assert rates.opts == ["--rate"] and rates.help == BenchConfig.model_fields["rates"].description
+    concurrency = next(param for param in bench.params if param.name == "concurrency")
+    assert concurrency.type.convert("1,8", None, None) == (1, 8)
 
 
 def test_the_readmes_settings_table_names_every_serve_option():
