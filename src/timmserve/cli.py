@@ -1,4 +1,4 @@
-"""`timmserve serve | classify`.
+"""`timmserve serve | classify | bench | report`.
 
 Known errors print one line and exit 1; set TIMMSERVE_DEBUG=1 for the traceback. torch and
 LitServe are imported inside the commands that need them, so `--help` and `classify` stay quick.
@@ -10,63 +10,40 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
+from timmserve.bench.config import QUICK, BenchConfig
 from timmserve.client import DEFAULT_URL
-from timmserve.config import (
-    ACCELERATORS,
-    BACKEND_CHOICES,
-    ENGINES,
-    HOSTS,
-    LADDER,
-    LOG_LEVELS,
-    PRECISIONS,
-    BenchConfig,
-    ServeConfig,
-    parse_setting,
-    read_api_key,
-    read_config_file,
-)
+from timmserve.config import ServeConfig, parse_setting, read_api_key, read_config_file
 from timmserve.errors import ConfigError, TimmServeError
-from timmserve.logs import LOG_FORMATS
+from timmserve.options import options
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
+# The model a bench run serves: these serve options are bench options too.
+MODEL_OPTIONS = ("model", "checkpoint", "random_weights", "labels")
+# BenchConfig's settings that are bench options; the others only a config file sets.
+BENCH_OPTIONS = (
+    "concurrency",
+    "rates",
+    "duration",
+    "warmup",
+    "ceiling_duration",
+    "ladder",
+    "rounds",
+    "images",
+    "client_processes",
+    "url",
+    "out",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="timmserve")
 def cli() -> None:
     """Serve timm image classifiers over HTTP, and measure how well they are served."""
-
-
-def model_options(command: Callable) -> Callable:
-    """--model, --checkpoint, --random-weights, --labels: which model, for serve and bench alike."""
-    options = [
-        click.option(
-            "--model",
-            help="timm model name (hub weights), or a timm model folder. Default: the built-in "
-            "tf_efficientnet_lite0 with ImageNet weights, offline.",
-        ),
-        click.option(
-            "--checkpoint",
-            type=click.Path(dir_okay=False, path_type=Path),
-            help="Weights for --model: .safetensors, or .pth/.pt (loaded weights-only, never as a pickle).",
-        ),
-        click.option("--random-weights", is_flag=True, help="The architecture untrained: throughput studies only."),
-        click.option(
-            "--labels",
-            type=click.Path(dir_okay=False, path_type=Path),
-            help="Class names, one per line (default: ImageNet names from timm).",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
 
 
 @cli.command()
@@ -76,111 +53,11 @@ def model_options(command: Callable) -> Callable:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="TOML file with settings named like these options (flags given here win).",
 )
-@model_options
-@click.option(
-    "--engine",
-    type=click.Choice(ENGINES),
-    default=_DEFAULTS["engine"],
-    show_default=True,
-    help="litserve: one machine. ray: Ray Serve replicas on one machine or a cluster (pip install 'timmserve[ray]').",
-)
-@click.option("--ray-address", help="Join this Ray cluster (default: start a local Ray instance).")
-@click.option("--ray-max-replicas", type=int, help="Ray: autoscale from the replica count up to this many.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=_DEFAULTS["precision"], show_default=True)
-@click.option("--channels-last", is_flag=True, help="NHWC memory format for the model and its inputs.")
-@click.option(
-    "--backend",
-    type=click.Choice(BACKEND_CHOICES),
-    default=_DEFAULTS["backend"],
-    show_default=True,
-    help="Inference backend; auto measures the installed ones here and keeps the fastest that agrees with eager.",
-)
-@click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Exported backend artifacts.  [default: ~/.cache/timmserve]",
-)
-@click.option("--accelerator", type=click.Choice(ACCELERATORS), default=_DEFAULTS["accelerator"], show_default=True)
-@click.option("--devices", type=int, help="Number of devices (default: all of the accelerator's).")
-@click.option("--workers-per-device", type=int, default=_DEFAULTS["workers_per_device"], show_default=True)
-@click.option("--api-servers", type=int, help="HTTP server processes (default: one per inference worker).")
-@click.option("--torch-threads", type=int, help="Threads per worker (default: cores ÷ workers).")
-@click.option(
-    "--decode-threads",
-    type=int,
-    default=_DEFAULTS["decode_threads"],
-    show_default=True,
-    help="Threads decoding the images of a batch in parallel.",
-)
-@click.option(
-    "--fast-decode/--no-fast-decode",
-    default=_DEFAULTS["fast_decode"],
-    show_default=True,
-    help="JPEGs decoded at a reduced DCT scale, resize on uint8 tensors; off: timm's PIL transform.",
-)
-@click.option(
-    "--max-batch-size",
-    type=int,
-    default=_DEFAULTS["max_batch_size"],
-    show_default=True,
-    help="Dynamic batching: most requests per model call (1 turns batching off).",
-)
-@click.option(
-    "--batch-timeout",
-    type=float,
-    default=_DEFAULTS["batch_timeout"],
-    show_default=True,
-    help="Seconds a batch waits to fill.",
-)
-@click.option("--host", type=click.Choice(HOSTS), default=_DEFAULTS["host"], show_default=True)
-@click.option("--port", type=int, default=_DEFAULTS["port"], show_default=True)
-@click.option(
-    "--top-k",
-    type=int,
-    default=_DEFAULTS["top_k"],
-    show_default=True,
-    help="Classes per answer unless a request asks otherwise.",
-)
-@click.option("--max-body-bytes", type=int, default=_DEFAULTS["max_body_bytes"], show_default=True)
-@click.option("--max-image-pixels", type=int, default=_DEFAULTS["max_image_pixels"], show_default=True)
-@click.option(
-    "--timeout",
-    type=float,
-    default=_DEFAULTS["timeout"],
-    show_default=True,
-    help="Seconds from admission to answer (queue wait and inference) before a 504.",
-)
-@click.option(
-    "--max-queue",
-    type=int,
-    help="Images queued and not yet answered, over all API servers, before new requests get 503 "
-    "(default: 4 full batches per worker, at least 128).",
-)
-@click.option(
-    "--grace-period",
-    type=float,
-    default=_DEFAULTS["grace_period"],
-    show_default=True,
-    help="On SIGTERM/SIGINT: seconds in-flight requests get to finish after the server stops accepting.",
-)
-@click.option(
-    "--api-key-env",
-    metavar="NAME",
-    help="Require the API key held in environment variable NAME (X-API-Key or Authorization: Bearer) "
-    "everywhere but the health probes and the demo page.",
-)
-@click.option("--log-level", type=click.Choice(LOG_LEVELS), default=_DEFAULTS["log_level"], show_default=True)
-@click.option(
-    "--log-format",
-    type=click.Choice(LOG_FORMATS),
-    default=_DEFAULTS["log_format"],
-    show_default=True,
-    help="json: one object per line, for log pipelines.",
-)
+@options(ServeConfig)
 @click.pass_context
-def serve(ctx: click.Context, config_file: Path | None, **options: Any) -> None:
+def serve(ctx: click.Context, config_file: Path | None, **settings: Any) -> None:
     """Serve a timm classifier: POST /predict, GET /health, GET /info."""
-    config = _serve_config(ctx, config_file, options)
+    config = _serve_config(ctx, config_file, settings)
     if config.engine == "ray":
         try:
             from timmserve.ray_engine import run_ray_server  # heavy: torch, timm, ray
@@ -195,14 +72,22 @@ def serve(ctx: click.Context, config_file: Path | None, **options: Any) -> None:
     run_server(config)
 
 
-def _serve_config(ctx: click.Context, config_file: Path | None, options: dict[str, Any]) -> ServeConfig:
-    """Defaults < config file < flags given on the command line."""
-    values = read_config_file(config_file) if config_file else {}
-    values = {key.replace("-", "_"): value for key, value in values.items()}
-    for name, value in options.items():
-        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT or name not in values:
-            values[name] = value
-    return ServeConfig.from_mapping(values)
+def _resolve(ctx: click.Context, given: dict[str, Any], *layers: dict[str, Any]) -> dict[str, Any]:
+    """Settings by precedence, lowest first: each of `layers` (a preset, a config file's table),
+    then those of the `given` options that the command line set. A setting in none of them keeps
+    its schema default; a default shown in --help is not "set". Keys with dashes take underscores."""
+    on_command_line = {
+        name: value for name, value in given.items() if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
+    }
+    merged: dict[str, Any] = {}
+    for layer in (*layers, on_command_line):
+        merged.update((key.replace("-", "_"), value) for key, value in layer.items())
+    return merged
+
+
+def _serve_config(ctx: click.Context, config_file: Path | None, settings: dict[str, Any]) -> ServeConfig:
+    """Defaults < config file < flags given on the command line. Raises ConfigError."""
+    return ServeConfig.from_mapping(_resolve(ctx, settings, read_config_file(config_file) if config_file else {}))
 
 
 @cli.command()
@@ -231,18 +116,6 @@ def classify(
                 click.echo(f"  {prediction.probability:7.2%}  {prediction.label}")
 
 
-def _numbers(kind: type) -> Any:
-    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple | None:
-        if value is None:
-            return None
-        try:
-            return tuple(kind(part) for part in value.split(",") if part.strip())
-        except ValueError:
-            raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
-
-    return parse
-
-
 @cli.command()
 @click.option(
     "--config",
@@ -250,24 +123,8 @@ def _numbers(kind: type) -> Any:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="TOML: bench settings at the top, [serve] knobs for every rung, [rungs.NAME] knobs per rung.",
 )
-@model_options
-@click.option("--concurrency", callback=_numbers(int), help="Closed-loop levels.  [default: 1,8,32,64]")
-@click.option("--rate", "rates", callback=_numbers(float), help="Open-loop levels, req/s with Poisson arrivals.")
-@click.option("--duration", type=float, help="Seconds measured per level.  [default: 4]")
-@click.option("--warmup", type=float, help="Seconds of warm-up load before each level.  [default: 1]")
-@click.option("--ceiling-duration", type=float, help="Seconds per batch size for each ceiling.  [default: 0.5]")
-@click.option(
-    "--ladder",
-    callback=lambda c, p, v: tuple(v.split(",")) if v else None,
-    help=f"Rungs to compare, in order.  [default: {','.join(LADDER)}]",
-)
-@click.option("--rounds", type=int, help="ABBA rounds over the ladder.  [default: 2]")
-@click.option(
-    "--image",
-    "images",
-    type=click.Path(exists=True, path_type=Path),
-    help="A photo, or a folder of photos the load cycles through (default: a cat photo).",
-)
+@options(ServeConfig, MODEL_OPTIONS)
+@options(BenchConfig, BENCH_OPTIONS)
 @click.option(
     "--set",
     "knobs",
@@ -275,61 +132,38 @@ def _numbers(kind: type) -> Any:
     metavar="KNOB=VALUE",
     help="A serve setting for every rung, e.g. --set torch_threads=1 (repeatable).",
 )
-@click.option("--client-processes", type=int, help="Load-generator processes.  [default: 1]")
-@click.option("--url", help="Measure this running server instead (no ladder; ceilings only with --model).")
 @click.option("--quick", is_flag=True, help="baseline vs best, c=1,8, short timings: about two minutes.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.pass_context
 def bench(ctx: click.Context, config_file: Path | None, knobs: tuple[str, ...], quick: bool, no_progress: bool,
-          **options: Any) -> None:  # fmt: skip
+          **settings: Any) -> None:  # fmt: skip
     """Measure ceilings and served throughput for a ladder of configurations; write results.json,
     results.md and plots to --out."""
+    config = _bench_config(ctx, config_file, knobs, quick, settings)  # a bad setting fails before torch loads
     from timmserve.bench.ladder import run_bench  # heavy: torch, timm
     from timmserve.bench.report import render, write_results
     from timmserve.server import stop_on_signals
 
     stop_on_signals()  # an interrupted bench still stops the server it started
-
-    config = _bench_config(ctx, config_file, knobs, quick, options)
     results = run_bench(config, progress=not no_progress, log=lambda line: click.echo(line, err=True))
     path = write_results(results, config.out)
     written = render(path)
     click.echo(f"wrote {path} and {', '.join(str(p) for p in written)}")
 
 
-_SERVE_KEYS = ("model", "checkpoint", "random_weights", "labels")
-
-
 def _bench_config(
-    ctx: click.Context, config_file: Path | None, knobs: tuple[str, ...], quick: bool, options: dict[str, Any]
+    ctx: click.Context, config_file: Path | None, knobs: tuple[str, ...], quick: bool, settings: dict[str, Any]
 ) -> BenchConfig:
-    """Defaults (or --quick's) < config file < flags; model flags and --set go to every rung's server."""
-    values = {
-        key.replace("-", "_"): value for key, value in (read_config_file(config_file) if config_file else {}).items()
-    }
-    serve = dict(values.pop("serve", {}))
-    rungs = values.pop("rungs", {})
-    for name, value in options.items():
-        given = ctx.get_parameter_source(name) is not ParameterSource.DEFAULT or name == "out"
-        if not given or value is None:
-            continue
-        if name in _SERVE_KEYS:
-            serve[name] = value
-        else:
-            values[name] = value
-    serve.update(_parse_knob(knob) for knob in knobs)
-    for key in ("concurrency", "rates", "ladder", "ceiling_batch_sizes"):
-        if key in values:
-            values[key] = tuple(values[key])
-    if "images" in values:
-        values["images"] = Path(values["images"])
-    values["out"] = Path(values.get("out", "results"))
-    try:
-        settings = {**values, "serve": ServeConfig.from_mapping(serve), "rung_overrides": rungs}
-        return BenchConfig.quick(**settings) if quick else BenchConfig(**settings)
-    except TypeError as exc:
-        raise ConfigError(f"invalid bench setting: {exc}") from None
+    """Defaults (or --quick's) < config file < flags given on the command line, for the bench
+    settings and for the serve settings every rung starts from (the file's [serve] table, the
+    model options and --set). Raises ConfigError."""
+    file = read_config_file(config_file) if config_file else {}
+    serve_table, rungs = file.pop("serve", {}), file.pop("rungs", {})
+    model = {name: value for name, value in settings.items() if name in MODEL_OPTIONS}
+    bench = {name: value for name, value in settings.items() if name not in MODEL_OPTIONS}
+    serve = ServeConfig.from_mapping(_resolve(ctx, model, serve_table, dict(map(_parse_knob, knobs))))
+    values = _resolve(ctx, bench, QUICK if quick else {}, file)
+    return BenchConfig.from_mapping({**values, "serve": serve, "rung_overrides": rungs})
 
 
 def _parse_knob(knob: str) -> tuple[str, Any]:

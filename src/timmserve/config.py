@@ -5,160 +5,184 @@ Precedence: command-line flag > config file (`--config FILE`, TOML) > the defaul
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import field_validator, model_validator
+
 from timmserve.errors import ConfigError
-from timmserve.logs import LOG_FORMATS
+from timmserve.logs import LogFormat
+from timmserve.options import command_line
+from timmserve.settings import AnyPath, Settings, check, setting
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-ENGINES: tuple[str, ...] = ("litserve", "ray")
+Engine = Literal["litserve", "ray"]
 # Inference backends (see backends.py); "auto" measures the installed ones on this machine at start.
-BACKEND_CHOICES: tuple[str, ...] = ("eager", "compile", "onnxruntime", "openvino", "auto")
+Backend = Literal["eager", "compile", "onnxruntime", "openvino", "auto"]
 Precision = Literal["fp32", "fp16", "bf16"]
 Accelerator = Literal["auto", "cpu", "cuda"]
-
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
-ACCELERATORS: tuple[str, ...] = ("auto", "cpu", "cuda")
-LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 # LitServe binds only these addresses (LitServer.run checks it).
-HOSTS: tuple[str, ...] = ("127.0.0.1", "0.0.0.0", "::")
+Host = Literal["127.0.0.1", "0.0.0.0", "::"]
 
 
-@dataclass(frozen=True, kw_only=True)
-class ServeConfig:
+class ServeConfig(Settings):
+    """How to serve: the model, the engine, devices and workers, batching, HTTP limits, logging.
+
+    Immutable and validated when built (`ServeConfig(...)`, `from_mapping`, `replace`): a bad value
+    or a contradiction raises ConfigError, one line per problem. Each field's description is also
+    its `timmserve serve` option's help. Durations are in seconds, sizes in bytes or pixels.
+    """
+
     # --- model ---
-    # A timm model name (hub weights, e.g. "resnet18.a1_in1k"), a timm model folder
-    # (config.json + weights), or None for the built-in offline default.
-    model: str | None = None
-    # Local weights for `model` (.safetensors, or .pth/.pt loaded with weights_only=True).
-    checkpoint: Path | None = None
-    # Serve the architecture with random weights: throughput studies only, flagged everywhere.
-    random_weights: bool = False
-    # Class names, one per line, for fine-tuned models; count must equal the model's classes.
-    labels: Path | None = None
-    precision: Precision = "fp32"
-    # NHWC memory format: often faster for convnets on CPU (oneDNN) and on tensor cores.
-    channels_last: bool = False
-    backend: str = "eager"
-    # Exported backend artifacts (ONNX files, OpenVINO IR); None: $XDG_CACHE_HOME/timmserve or
-    # ~/.cache/timmserve.
-    cache_dir: Path | None = None
+    model: str | None = setting(
+        None,
+        "A timm model name (hub weights, e.g. resnet18.a1_in1k) or a timm model folder (config.json + weights).",
+        default_text="built-in tf_efficientnet_lite0, offline",
+    )
+    checkpoint: AnyPath | None = setting(
+        None,
+        "Local weights for --model: .safetensors, or .pth/.pt loaded weights-only (never as a pickle).",
+        metavar="FILE",
+    )
+    random_weights: bool = setting(
+        False, "Serve the architecture with random weights: throughput studies only, flagged everywhere."
+    )
+    labels: AnyPath | None = setting(
+        None,
+        "Class names, one per line, for fine-tuned models; the count must equal the model's classes.",
+        default_text="ImageNet names from timm",
+        metavar="FILE",
+    )
+    precision: Precision = setting(
+        "fp32", "fp32, bf16 (CPU or GPU) or fp16 (CUDA only); reduced precision runs under autocast."
+    )
+    channels_last: bool = setting(
+        False,
+        "NHWC memory format for the model and its inputs: often faster for convnets on CPU (oneDNN) "
+        "and on tensor cores.",
+    )
+    backend: Backend = setting(
+        "eager",
+        "Inference backend; auto measures the installed ones here and keeps the fastest that agrees with eager.",
+    )
+    cache_dir: AnyPath | None = setting(
+        None,
+        "Exported backend artifacts (ONNX files, OpenVINO IR); $XDG_CACHE_HOME/timmserve where that is set.",
+        default_text="~/.cache/timmserve",
+        metavar="DIR",
+    )
 
     # --- engine: LitServe on one machine, or Ray Serve on one or many ---
-    engine: str = "litserve"
-    ray_address: str | None = None  # join this Ray cluster (e.g. "ray://head:10001"); None: start one
-    ray_max_replicas: int | None = None  # autoscale from the replica count up to this; None: fixed
+    engine: Engine = setting(
+        "litserve",
+        "litserve: one machine. ray: Ray Serve replicas on one machine or a cluster (pip install 'timmserve[ray]').",
+    )
+    ray_address: str | None = setting(
+        None, "Join this Ray cluster (e.g. ray://head:10001).", default_text="a local Ray instance"
+    )
+    ray_max_replicas: int | None = setting(
+        None, "Ray: autoscale from the replica count up to this many.", default_text="a fixed count", ge=1
+    )
 
     # --- devices and workers (Ray: replicas = workers per device × devices) ---
-    accelerator: Accelerator = "auto"
-    devices: int | None = None  # None: every device of the accelerator
-    workers_per_device: int = 1
-    api_servers: int | None = None  # uvicorn processes; None: one per inference worker
-    # Intra-op threads per worker; None: the machine's cores shared out between workers.
-    torch_threads: int | None = None
-    # Threads that decode and preprocess the images of one batch in parallel (PIL frees the GIL).
-    decode_threads: int = 2
-    # Fast decode path: JPEGs at the smallest DCT scale still at least timm's resize size (PIL
-    # draft), resize and crop with torchvision v2's uint8 kernels. Off: timm's PIL transform as is.
-    fast_decode: bool = True
+    accelerator: Accelerator = setting("auto", "cpu, cuda, or auto: CUDA where there is a GPU.")
+    devices: int | None = setting(None, "Number of devices.", default_text="all of the accelerator's", ge=1)
+    workers_per_device: int = setting(1, "Inference worker processes (Ray: replicas) per device.", ge=1)
+    api_servers: int | None = setting(None, "HTTP server (uvicorn) processes.", default_text="one per worker", ge=1)
+    torch_threads: int | None = setting(None, "Intra-op threads per worker.", default_text="cores ÷ workers", ge=1)
+    decode_threads: int = setting(
+        2, "Threads decoding and preprocessing the images of one batch in parallel (PIL frees the GIL).", ge=1
+    )
+    fast_decode: bool = setting(
+        True,
+        "JPEGs decoded at the smallest DCT scale still at least timm's resize size (PIL draft), resize and "
+        "crop on uint8 tensors (torchvision v2); off: timm's PIL transform as is.",
+    )
 
     # --- batching ---
-    max_batch_size: int = 8
-    # Seconds a batch may wait for more images once the queue is drained (batching.py); 0: never
-    # wait, batches grow under load by themselves (measured best on CPU; a GPU may want a few ms).
-    batch_timeout: float = 0.0
+    max_batch_size: int = setting(8, "Dynamic batching: most images per model call (1 turns batching off).", ge=1)
+    batch_timeout: float = setting(
+        0.0,
+        "Seconds a batch may wait for more images once the queue is drained; 0: never wait, batches grow "
+        "under load by themselves (measured best on CPU; a GPU may want a few ms).",
+        ge=0,
+        le=10,
+    )
 
     # --- HTTP ---
-    host: str = "127.0.0.1"
-    port: int = 8000
-    top_k: int = 5
-    max_body_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 64 * 1024 * 1024  # decompression-bomb guard, checked before decoding
-    # Seconds from admission to answer (queue wait + inference) before a 504 frees the slot.
-    timeout: float = 30.0
-    # Images admitted and not yet answered, over all API servers; beyond it: 503 + Retry-After at
-    # once instead of a queue that grows without bound. None: see `queue_limit`.
-    max_queue: int | None = None
-    # SIGTERM/SIGINT: seconds in-flight requests get to finish after the server stops accepting.
-    grace_period: float = 30.0
-    # Name of the environment variable holding the API key (never the key itself: argv is public).
-    api_key_env: str | None = None
-    log_level: str = "info"
-    log_format: str = "text"
+    host: Host = setting("127.0.0.1", "Address to listen on (LitServe binds only these).")
+    port: int = setting(8000, "Port to listen on.", ge=1024, le=65535)
+    top_k: int = setting(5, "Classes per answer unless a request asks otherwise.", ge=1)
+    max_body_bytes: int = setting(20 * 1024 * 1024, "Largest request body, in bytes; larger: 413.", ge=1024)
+    max_image_pixels: int = setting(
+        64 * 1024 * 1024, "Largest image, in pixels, checked before decoding (decompression bombs); larger: 413.", ge=1
+    )
+    timeout: float = setting(
+        30.0, "Seconds from admission to answer (queue wait and inference) before a 504 frees the slot.", gt=0
+    )
+    max_queue: int | None = setting(
+        None,
+        "Images admitted and not yet answered, over all API servers; beyond it a 503 with Retry-After at "
+        "once, instead of a queue that grows without bound.",
+        default_text="4 batches per worker, ≥ 128",
+        ge=1,
+    )
+    grace_period: float = setting(
+        30.0,
+        "On SIGTERM/SIGINT: seconds in-flight requests get to finish after the server stops accepting.",
+        ge=0,
+        le=3600,
+    )
+    api_key_env: str | None = setting(
+        None,
+        "Require the API key held in environment variable NAME (X-API-Key or Authorization: Bearer) "
+        "everywhere but the health probes and the demo page. The name, never the key: argv is public.",
+        metavar="NAME",
+    )
+    log_level: LogLevel = setting("info", "Least severe log records written, in every process.")
+    log_format: LogFormat = setting("text", "text: for people; json: one object per line, for log pipelines.")
 
-    def __post_init__(self) -> None:
-        _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}")
-        _check(self.accelerator in ACCELERATORS, f"accelerator must be one of {', '.join(ACCELERATORS)}")
-        _check(self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}")
-        _check(self.log_format in LOG_FORMATS, f"log format must be one of {', '.join(LOG_FORMATS)}")
-        _check(self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}")
-        _check(self.backend in BACKEND_CHOICES, f"backend must be one of {', '.join(BACKEND_CHOICES)}")
-        _check(
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_variable_name(cls, name: str | None) -> str | None:
+        check(name is None or bool(name.strip()), "--api-key-env needs a variable name")
+        return name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        """Rules over several settings; one ConfigError, naming the options, for the first broken."""
+        check(
             not (self.backend == "openvino" and self.accelerator == "cuda"),
             "--backend openvino runs on the CPU; on CUDA use eager, compile or onnxruntime",
         )
-        _check(
+        check(
             self.ray_max_replicas is None or self.ray_max_replicas >= self.worker_count(),
             "--ray-max-replicas must be at least the starting replica count (workers per device × devices)",
         )
-        _check(
+        check(
             self.engine == "ray" or (self.ray_address is None and self.ray_max_replicas is None),
             "--ray-address and --ray-max-replicas need --engine ray",
         )
-        _check(self.host in HOSTS, f"host must be one of {', '.join(HOSTS)} (LitServe binds only these)")
-        _check(1024 <= self.port <= 65535, "port must be between 1024 and 65535")
-        _check(self.max_batch_size >= 1, "max batch size must be at least 1")
-        _check(0 <= self.batch_timeout <= 10, "batch timeout must be between 0 and 10 seconds")
-        _check(self.workers_per_device >= 1, "workers per device must be at least 1")
-        _check(self.devices is None or self.devices >= 1, "devices must be at least 1")
-        _check(self.api_servers is None or self.api_servers >= 1, "api servers must be at least 1")
-        _check(self.torch_threads is None or self.torch_threads >= 1, "torch threads must be at least 1")
-        _check(self.decode_threads >= 1, "decode threads must be at least 1")
-        _check(self.top_k >= 1, "top-k must be at least 1")
-        _check(self.max_body_bytes >= 1024, "max body bytes must be at least 1024")
-        _check(self.max_image_pixels >= 1, "max image pixels must be at least 1")
-        _check(self.timeout > 0, "timeout must be positive")
-        _check(self.max_queue is None or self.max_queue >= 1, "max queue must be at least 1")
-        _check(0 <= self.grace_period <= 3600, "grace period must be between 0 and 3600 seconds")
-        _check(self.api_key_env is None or bool(self.api_key_env.strip()), "--api-key-env needs a variable name")
-        _check(
+        check(
             self.checkpoint is None or self.model is not None,
             "--checkpoint needs the architecture it belongs to: --model ARCH --checkpoint FILE",
         )
-        _check(
+        check(
             not (self.checkpoint is not None and self.random_weights),
             "--checkpoint and --random-weights contradict each other",
         )
-        _check(
+        check(
             not (self.precision == "fp16" and self.accelerator == "cpu"),
             "fp16 needs a CUDA device; on CPU use --precision bf16 or fp32",
         )
-
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> ServeConfig:
-        """Build from a mapping with the field names (dashes allowed); unknown keys are an error."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in values.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"unknown setting {key!r}; known: {', '.join(sorted(known))}")
-            if name in ("checkpoint", "labels", "cache_dir") and value is not None:
-                value = Path(value)
-            kwargs[name] = value
-        try:
-            return cls(**kwargs)
-        except TypeError as exc:  # a value of the wrong type reached a comparison
-            raise ConfigError(f"invalid setting: {exc}") from None
+        return self
 
     def queue_limit(self) -> int:
         """`max_queue`, or by default four full batches per worker, and at least 128 (so a
@@ -172,7 +196,8 @@ class ServeConfig:
         return self.workers_per_device * (self.devices or 1)
 
     def api_key(self) -> str | None:
-        """The API key from the variable `api_key_env` names; None when no key is asked for."""
+        """The API key from the variable `api_key_env` names; None when no key is asked for.
+        Raises ConfigError when that variable is unset or empty."""
         return None if self.api_key_env is None else read_api_key(self.api_key_env)
 
     def artifact_cache(self) -> Path:
@@ -189,83 +214,12 @@ class ServeConfig:
 
     def to_cli_args(self) -> list[str]:
         """`timmserve serve` flags that reproduce this config (unset values left out)."""
-        args: list[str] = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            flag = "--" + f.name.replace("_", "-")
-            if value is None or (value is False and f.default is False):
-                continue
-            if isinstance(value, bool):
-                args.append(flag if value else "--no-" + flag[2:])
-            else:
-                args += [flag, str(value)]
-        return args
-
-    def replace(self, **changes: Any) -> ServeConfig:
-        """A copy with some settings changed, validated again."""
-        return ServeConfig.from_mapping({**dataclasses.asdict(self), **changes})
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready view (for /info and results files)."""
-        return _json_ready(dataclasses.asdict(self))
-
-
-LADDER: tuple[str, ...] = ("baseline", "batching", "workers", "precision", "backend", "decode", "best")
-
-
-@dataclass(frozen=True, kw_only=True)
-class BenchConfig:
-    # The model and any knobs shared by every rung; each rung then sets its own knobs on top.
-    serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
-    ladder: tuple[str, ...] = LADDER
-    rounds: int = 2  # ABBA: odd rounds run the ladder forward, even rounds backward
-    concurrency: tuple[int, ...] = (1, 8, 32, 64)  # closed-loop levels
-    rates: tuple[float, ...] = ()  # open-loop levels (req/s, Poisson arrivals); none by default
-    duration: float = 4.0  # seconds measured per level
-    warmup: float = 1.0  # seconds of the same load right before each level, not counted
-    ceiling_duration: float = 0.5  # seconds per batch size for each ceiling measurement
-    ceiling_batch_sizes: tuple[int, ...] = (1, 8, 32, 64)  # capped by each rung's max batch size
-    images: Path | None = None  # a photo or a folder of photos (cycled); default: the cat photo
-    out: Path = Path("results")
-    url: str | None = None  # measure this running server instead of starting a ladder
-    client_processes: int = 1  # load-generator processes (when one cannot drive the server)
-    request_timeout: float = 120.0  # client-side, per request
-    # Rung knobs from a config file's [rungs.NAME] tables: override a built-in rung or add one.
-    rung_overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        _check(len(self.ladder) >= 1, "the ladder needs at least one rung")
-        _check(len(set(self.ladder)) == len(self.ladder), "a rung is named twice in the ladder")
-        _check(self.rounds >= 1, "rounds must be at least 1")
-        _check(bool(self.concurrency) or bool(self.rates), "give at least one concurrency or rate")
-        _check(all(c >= 1 for c in self.concurrency), "concurrency levels must be at least 1")
-        _check(all(r > 0 for r in self.rates), "open-loop rates must be positive")
-        _check(self.duration > 0 and self.warmup >= 0, "duration must be positive, warm-up not negative")
-        _check(self.ceiling_duration > 0, "ceiling duration must be positive")
-        _check(all(b >= 1 for b in self.ceiling_batch_sizes), "ceiling batch sizes must be at least 1")
-        _check(self.client_processes >= 1, "client processes must be at least 1")
-        _check(self.images is None or self.images.exists(), f"no image or folder at {self.images}")
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready view (for results files)."""
-        return {**_json_ready(dataclasses.asdict(self)), "serve": self.serve.as_dict()}
-
-    @classmethod
-    def quick(cls, **overrides: Any) -> BenchConfig:
-        """A run of about two minutes: baseline against best, two levels, short timings."""
-        settings: dict[str, Any] = dict(
-            ladder=("baseline", "best"),
-            concurrency=(1, 8),
-            duration=2.0,
-            warmup=1.0,
-            ceiling_duration=0.3,
-            ceiling_batch_sizes=(1, 8),
-        )
-        return cls(**{**settings, **overrides})
+        return command_line(self)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Settings from a TOML file: top-level keys named like ServeConfig fields."""
+    """The tables of a TOML file (`serve --config`: keys named like ServeConfig's fields; `bench
+    --config`: see BenchConfig). Raises ConfigError when it cannot be read or is not TOML."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -290,19 +244,3 @@ def parse_setting(text: str) -> Any:
         return tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
         return text
-
-
-def _json_ready(values: dict[str, Any]) -> dict[str, Any]:
-    def convert(value: Any) -> Any:
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, tuple):
-            return list(value)
-        return value
-
-    return {key: convert(value) for key, value in values.items()}
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)

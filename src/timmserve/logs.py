@@ -13,9 +13,9 @@ import json
 import logging
 import logging.config
 import time
-from typing import Any
+from typing import Any, Literal
 
-LOG_FORMATS: tuple[str, ...] = ("text", "json")
+LogFormat = Literal["text", "json"]
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is a field.
 _STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",

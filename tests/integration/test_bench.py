@@ -11,13 +11,14 @@ import torch
 
 from tests.conftest import DATA
 from timmserve.bench.ceiling import measure_ceilings
+from timmserve.bench.config import BenchConfig
 from timmserve.bench.ladder import run_bench
 from timmserve.bench.load import LoadSpec, measure_client_capacity, run_level
 from timmserve.bench.monitor import Monitor
 from timmserve.bench.process import free_port
 from timmserve.bench.report import PLOTS, write_results
 from timmserve.classifier import build_classifier
-from timmserve.config import BenchConfig, ServeConfig
+from timmserve.config import ServeConfig
 from timmserve.labels import load_labels
 
 TINY = ServeConfig(model="test_efficientnet", random_weights=True)

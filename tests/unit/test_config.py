@@ -11,16 +11,16 @@ from timmserve.errors import ConfigError
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"max_batch_size": 0}, "max batch size"),
+        ({"max_batch_size": 0}, "max_batch_size must be an integer ≥ 1"),
         ({"precision": "fp8"}, "precision must be one of"),
-        ({"port": 80}, "port must be between"),
+        ({"port": 80}, "port must be an integer ≥ 1024 and ≤ 65535"),
         ({"host": "10.0.0.1"}, "host must be one of"),
         ({"checkpoint": Path("w.safetensors")}, "--model ARCH --checkpoint FILE"),
         ({"model": "resnet18", "checkpoint": Path("w.pth"), "random_weights": True}, "contradict"),
         ({"precision": "fp16", "accelerator": "cpu"}, "fp16 needs a CUDA device"),
-        ({"batch_timeout": -1}, "batch timeout"),
-        ({"grace_period": -1}, "grace period"),
-        ({"log_format": "xml"}, "log format must be one of"),
+        ({"batch_timeout": -1}, "batch_timeout must be a number ≥ 0 and ≤ 10"),
+        ({"grace_period": -1}, "grace_period must be a number ≥ 0 and ≤ 3600"),
+        ({"log_format": "xml"}, "log_format must be one of text, json"),
         ({"api_key_env": " "}, "needs a variable name"),
         ({"engine": "triton"}, "engine must be one of"),
         ({"backend": "tensorrt"}, "backend must be one of"),
@@ -37,9 +37,9 @@ def test_invalid_settings_are_one_clear_error(kwargs, words):
 def test_from_mapping_accepts_dashes_and_rejects_unknown_keys():
     config = ServeConfig.from_mapping({"max-batch-size": 16, "labels": "l.txt"})
     assert config.max_batch_size == 16 and config.labels == Path("l.txt")
-    with pytest.raises(ConfigError, match="unknown setting 'max_bach_size'"):
+    with pytest.raises(ConfigError, match=r"^unknown setting 'max_bach_size'; known: .*, max_batch_size, "):
         ServeConfig.from_mapping({"max_bach_size": 16})
-    with pytest.raises(ConfigError, match="invalid setting"):
+    with pytest.raises(ConfigError, match=r"^max_batch_size must be an integer ≥ 1 \(got 'lots'\)$"):
         ServeConfig.from_mapping({"max_batch_size": "lots"})
 
 
@@ -69,7 +69,7 @@ def test_command_line_values_use_toml_literals():
 def test_bench_config_is_json_ready():
     import json
 
-    from timmserve.config import BenchConfig
+    from timmserve.bench.config import BenchConfig
 
     values = BenchConfig(images=Path(__file__)).as_dict()
     assert values["concurrency"] == [1, 8, 32, 64] and values["images"] == __file__
@@ -81,7 +81,7 @@ def test_queue_limit_defaults_to_four_batches_per_worker_and_at_least_128():
     assert ServeConfig().queue_limit() == 128
     assert ServeConfig(max_batch_size=64, workers_per_device=2).queue_limit() == 512
     assert ServeConfig(max_queue=3).queue_limit() == 3
-    with pytest.raises(ConfigError, match="max queue"):
+    with pytest.raises(ConfigError, match="max_queue must be an integer ≥ 1"):
         ServeConfig(max_queue=0)
 
 
@@ -113,3 +113,70 @@ def test_the_artifact_cache_follows_xdg_unless_set(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert ServeConfig().artifact_cache() == tmp_path / "timmserve"
     assert ServeConfig(cache_dir=Path("/srv/cache")).artifact_cache() == Path("/srv/cache")
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('fast_decode = "no"', "fast_decode must be true or false (got 'no')"),  # not a truthy string
+        ('channels_last = "false"', "channels_last must be true or false (got 'false')"),
+        ("max_batch_size = 3.5", "max_batch_size must be an integer ≥ 1 (got 3.5)"),
+        ("top_k = 2.5", "top_k must be an integer ≥ 1 (got 2.5)"),
+        ('port = "8000"', "port must be an integer ≥ 1024 and ≤ 65535 (got '8000')"),  # never a TypeError
+        ("decode_threads = true", "decode_threads must be an integer ≥ 1 (got True)"),
+        ("labels = 3", "labels must be a path (got 3)"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_one_line_naming_the_setting(tmp_path, toml, message):
+    path = tmp_path / "serve.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(ConfigError) as caught:
+        ServeConfig.from_mapping(read_config_file(path))
+    assert str(caught.value) == message
+
+
+def test_toml_integers_are_numbers_and_strings_are_paths():
+    config = ServeConfig.from_mapping({"batch_timeout": 1, "timeout": 5, "cache_dir": "/srv/cache"})
+    assert config.batch_timeout == 1.0 and isinstance(config.batch_timeout, float)
+    assert config.cache_dir == Path("/srv/cache")
+
+
+def test_every_problem_is_a_line_of_one_error():
+    with pytest.raises(ConfigError) as caught:
+        ServeConfig.from_mapping({"top_k": 0, "fast_decode": "yes", "colour": "red"})
+    lines = str(caught.value).splitlines()  # in the schema's order
+    assert len(lines) == 3
+    assert lines[0].startswith("fast_decode must be") and lines[1].startswith("top_k must be")
+    assert lines[2].startswith("unknown setting 'colour'; known: accelerator, api_key_env, ")
+
+
+def test_a_config_is_immutable_and_replace_validates_again():
+    import pydantic
+
+    config = ServeConfig(top_k=3, labels=Path("l.txt"))
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        config.top_k = 4
+    assert config.replace(top_k=4).top_k == 4 and config.replace(top_k=4).labels == Path("l.txt")
+    with pytest.raises(ConfigError, match="top_k must be an integer ≥ 1"):
+        config.replace(top_k=0)
+    assert config.as_dict()["labels"] == "l.txt"
+
+
+def test_bench_settings_are_validated_like_serve_settings(tmp_path):
+    from timmserve.bench.config import QUICK, BenchConfig
+
+    config = BenchConfig.from_mapping({"concurrency": [2, 4], "rates": [5], "images": str(tmp_path)})
+    assert config.concurrency == (2, 4) and config.rates == (5.0,) and config.images == tmp_path
+    assert BenchConfig.from_mapping(QUICK).ladder == ("baseline", "best")
+    for values, message in [
+        ({"concurrency": [0, 8]}, "concurrency must be a list, each an integer > 0 (got [0, 8])"),
+        ({"concurrency": [1.5]}, "concurrency must be a list, each an integer > 0 (got [1.5])"),
+        ({"rounds": 1.5}, "rounds must be an integer ≥ 1 (got 1.5)"),
+        ({"duration": "4"}, "duration must be a number > 0 (got '4')"),
+        ({"ladder": []}, "ladder must be a non-empty list, each a string (got [])"),
+        ({"concurrency": [], "rates": []}, "give at least one concurrency or rate"),
+        ({"images": str(tmp_path / "none")}, f"no image or folder at {tmp_path / 'none'}"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            BenchConfig.from_mapping(values)
+        assert str(caught.value) == message

@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 
 import timmserve.bench.ladder as ladder_module
+from timmserve.bench.config import BenchConfig
 from timmserve.bench.ladder import Ladder, add_efficiency
 from timmserve.bench.load import LoadSpec
 from timmserve.bench.report import verdict
-from timmserve.config import BenchConfig, ServeConfig
+from timmserve.config import ServeConfig
 from timmserve.errors import ConfigError
 
 BASE = ServeConfig(model="test_efficientnet", random_weights=True, top_k=3)

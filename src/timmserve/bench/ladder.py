@@ -33,11 +33,12 @@ from tqdm import tqdm
 from timmserve import photos
 from timmserve.backends import agreement, probability_tolerance
 from timmserve.bench.ceiling import measure_ceilings
+from timmserve.bench.config import BenchConfig
 from timmserve.bench.load import LoadSpec, measure_client_capacity, run_level
 from timmserve.bench.monitor import Monitor
 from timmserve.bench.process import ServerProcess
 from timmserve.classifier import Classifier, build_classifier, resolve_backend
-from timmserve.config import BenchConfig, ServeConfig
+from timmserve.config import ServeConfig
 from timmserve.errors import ConfigError
 from timmserve.labels import load_labels
 from timmserve.model import ModelInfo, load_model
