@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-import timmserve.bench.ladder as ladder_module
-from timmserve.bench.ladder import Ladder, add_efficiency
+import timmserve.bench.rungs as rungs_module
+from timmserve.bench.aggregate import add_efficiency
 from timmserve.bench.load import LoadSpec
 from timmserve.bench.report import verdict
+from timmserve.bench.rungs import Ladder
 from timmserve.config import BenchConfig, ServeConfig
 from timmserve.errors import ConfigError
 
@@ -14,12 +15,12 @@ BASE = ServeConfig(model="test_efficientnet", random_weights=True, top_k=3)
 
 @pytest.fixture
 def bf16_cpu(monkeypatch):
-    monkeypatch.setattr(ladder_module, "_cpu_features", lambda: ["avx2", "avx512_bf16"])
+    monkeypatch.setattr(rungs_module, "cpu_features", lambda: ["avx2", "avx512_bf16"])
 
 
 @pytest.fixture
 def avx2_cpu(monkeypatch):
-    monkeypatch.setattr(ladder_module, "_cpu_features", lambda: ["avx2"])
+    monkeypatch.setattr(rungs_module, "cpu_features", lambda: ["avx2"])
 
 
 def test_rungs_are_cumulative_on_top_of_the_shared_settings(bf16_cpu):
