@@ -68,7 +68,8 @@ class Runner:
     def run_ladder(self) -> tuple[list[Measured], dict[str, Any]]:
         """Every rung of the ladder, `config.rounds` times; and the ladder's notes for results.json
         (rungs skipped with the reason; what `best` combines and left out). Raises ConfigError for
-        an unknown rung, TimmServeError when a rung's server does not start."""
+        an unknown rung, ModelLoadError for a rung whose model or backend does not load here, and
+        TimmServeError when a rung's server does not become healthy."""
         ladder = Ladder(self.config, self.accelerator)
         measured: dict[str, list[dict[str, Any]]] = {name: [] for name in ladder.names}
         for name, reason in ladder.skipped.items():
@@ -92,7 +93,8 @@ class Runner:
 
     def run_url(self, measure_ceiling: bool) -> Measured:
         """One round against the server already running at `config.url`; the ceilings of
-        `config.serve` around it when `measure_ceiling` (the model is known)."""
+        `config.serve` around it when `measure_ceiling` (the model is known). Raises ModelLoadError
+        for a model that does not load here."""
         serve = self.config.serve
         before = self._ceilings(serve) if measure_ceiling else None
         levels = self._levels("url", self.config.url.rstrip("/"), None)
