@@ -206,12 +206,6 @@ class ServeConfig(Settings):
             return self.cache_dir
         return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "timmserve"
 
-    def torch_threads_per_worker(self, workers: int) -> int:
-        """Threads for one worker's torch ops: explicit, or the cores shared out between workers."""
-        if self.torch_threads is not None:
-            return self.torch_threads
-        return max(1, (os.cpu_count() or 1) // workers)
-
     def to_cli_args(self) -> list[str]:
         """`timmserve serve` flags that reproduce this config (unset values left out)."""
         return command_line(self)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import DATA
 from timmserve.bench.ceiling import measure_ceilings
@@ -29,16 +31,41 @@ def tiny_server(start_module_server):
     return start_module_server("--model", "test_efficientnet", "--random-weights", "--max-batch-size", "4")
 
 
-def test_ceilings_are_positive_and_ordered(photos):
-    classifier, _ = build_classifier(TINY, load_labels(1000), torch.device("cpu"))
-    ceilings = measure_ceilings(classifier, [photos["cat"]], [1, 4], duration=0.3)
-    for kind in ("model", "pipeline"):
-        assert [row["batch_size"] for row in ceilings[kind]] == [1, 4]
-        assert all(row["img_per_s"] > 0 for row in ceilings[kind])
-    for model_row, pipeline_row in zip(ceilings["model"], ceilings["pipeline"]):
-        # The pipeline does the model's work plus decoding: it cannot be much faster. The margin is
-        # wide because the two are measured one after the other on a shared, noisy machine.
-        assert pipeline_row["img_per_s"] < model_row["img_per_s"] * 3
+@pytest.fixture
+def one_torch_thread():
+    """On a machine whose cores are busy, a multi-threaded forward pass waits for its slowest thread
+    and slows down far more than a single-threaded decode does; with one thread each, both slow
+    down alike and a comparison of the two measures their work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_ceilings_are_positive_and_ordered(photos, one_torch_thread):
+    # The pipeline does the model's work plus decoding and preprocessing: at each batch size it is
+    # slower than the model, so its best rate is below the model's best. Decoding here is a full
+    # decode of a 6-megapixel JPEG, many times this tiny model's forward pass. A busy machine only
+    # ever slows a measurement down, so each kind's best over a few repeats is close to its
+    # undisturbed rate.
+    serve = TINY.replace(fast_decode=False, decode_threads=1)
+    classifier, _ = build_classifier(serve, load_labels(1000), torch.device("cpu"))
+    image = enlarged(photos["cat"], (3000, 2000))
+    best = {"model": 0.0, "pipeline": 0.0}
+    for _ in range(3):
+        ceilings = measure_ceilings(classifier, [image], [1, 4], duration=0.3)
+        for kind in best:
+            assert [row["batch_size"] for row in ceilings[kind]] == [1, 4]
+            assert all(row["img_per_s"] > 0 for row in ceilings[kind])
+            best[kind] = max(best[kind], *(row["img_per_s"] for row in ceilings[kind]))
+    assert best["pipeline"] < best["model"], best
+
+
+def enlarged(jpeg: bytes, size: tuple[int, int]) -> bytes:
+    """The photo resized to `size` (width, height), as a JPEG."""
+    out = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).convert("RGB").resize(size).save(out, "JPEG", quality=90)
+    return out.getvalue()
 
 
 def test_open_loop_counts_add_up_with_a_known_share_of_errors(tiny_server, photos):

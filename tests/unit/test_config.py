@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from timmserve.config import ServeConfig, read_config_file
-from timmserve.errors import ConfigError
+from timmserve.errors import ConfigError, ModelLoadError
+from timmserve.startup import resolve_machine
 
 
 @pytest.mark.parametrize(
@@ -43,11 +44,14 @@ def test_from_mapping_accepts_dashes_and_rejects_unknown_keys():
         ServeConfig.from_mapping({"max_batch_size": "lots"})
 
 
-def test_threads_are_shared_between_workers(monkeypatch):
+def test_the_machine_is_resolved_once_threads_shared_between_all_workers(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 8)
-    assert ServeConfig().torch_threads_per_worker(2) == 4
-    assert ServeConfig().torch_threads_per_worker(16) == 1
-    assert ServeConfig(torch_threads=3).torch_threads_per_worker(2) == 3
+    resolved = resolve_machine(ServeConfig(accelerator="cpu", workers_per_device=2))
+    assert (resolved.accelerator, resolved.devices, resolved.torch_threads) == ("cpu", 1, 4)
+    assert resolve_machine(ServeConfig(accelerator="cpu", workers_per_device=16)).torch_threads == 1
+    assert resolve_machine(ServeConfig(accelerator="cpu", torch_threads=3, workers_per_device=2)).torch_threads == 3
+    with pytest.raises(ModelLoadError, match="--devices 2 was asked for, but torch sees 1 cpu device"):
+        resolve_machine(ServeConfig(accelerator="cpu", devices=2))
 
 
 def test_config_file_is_toml(tmp_path):

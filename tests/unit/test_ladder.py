@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-import timmserve.bench.ladder as ladder_module
+import timmserve.bench.rungs as rungs_module
 from timmserve.bench.config import BenchConfig
-from timmserve.bench.ladder import Ladder, add_efficiency
 from timmserve.bench.load import LoadSpec
 from timmserve.bench.report import verdict
+from timmserve.bench.rungs import Ladder
 from timmserve.config import ServeConfig
 from timmserve.errors import ConfigError
 
@@ -15,12 +15,12 @@ BASE = ServeConfig(model="test_efficientnet", random_weights=True, top_k=3)
 
 @pytest.fixture
 def bf16_cpu(monkeypatch):
-    monkeypatch.setattr(ladder_module, "_cpu_features", lambda: ["avx2", "avx512_bf16"])
+    monkeypatch.setattr(rungs_module, "cpu_features", lambda: ["avx2", "avx512_bf16"])
 
 
 @pytest.fixture
 def avx2_cpu(monkeypatch):
-    monkeypatch.setattr(ladder_module, "_cpu_features", lambda: ["avx2"])
+    monkeypatch.setattr(rungs_module, "cpu_features", lambda: ["avx2"])
 
 
 def test_rungs_are_cumulative_on_top_of_the_shared_settings(bf16_cpu):
@@ -76,20 +76,6 @@ def test_verdict_says_no_difference_inside_the_spread():
     assert verdict(a, {"req_per_s": 10.8, "req_per_s_min": 10.5, "req_per_s_max": 12.0}) == "no difference"
     assert verdict(a, {"req_per_s": 15.0, "req_per_s_min": 14.0, "req_per_s_max": 16.0}) == "×1.50 (faster)"
     assert verdict(a, {"req_per_s": 5.0, "req_per_s_min": 4.0, "req_per_s_max": 6.0}) == "×0.50 (slower)"
-
-
-def test_efficiency_uses_each_rungs_model_ceiling_and_the_best_pipeline():
-    def run(model, pipeline, served):
-        return {
-            "ceiling": {"model": [{"img_per_s": m} for m in model], "pipeline": [{"img_per_s": p} for p in pipeline]},
-            "levels": [{"req_per_s": served}],
-        }
-
-    results = {"client_capacity_req_per_s": 100.0, "runs": [run([40, 50], [20, 25], 20.0), run([80], [60], 75.0)]}
-    add_efficiency(results)
-    first, second = (r["levels"][0] for r in results["runs"])
-    assert (first["efficiency"], first["efficiency_vs_best"], first["client_bound"]) == (0.4, 0.333, False)
-    assert (second["efficiency"], second["efficiency_vs_best"], second["client_bound"]) == (0.938, 1.25, True)
 
 
 def test_load_is_shared_between_client_processes():
