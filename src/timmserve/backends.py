@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -24,7 +25,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,6 @@ from timmserve.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-BACKENDS: tuple[str, ...] = ("eager", "compile", "onnxruntime", "openvino")
-# The package each optional backend needs, and the extra that installs it.
-_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
-# `auto` leaves out `compile`: minutes of compilation in every worker on every start.
-AUTO_CANDIDATES: tuple[str, ...] = ("eager", "onnxruntime", "openvino")
 AUTO_TIMING_SLICES = 4  # round-robin slices per candidate when `auto` times them
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -58,44 +53,60 @@ class BackendSpec:
     cache_dir: Path
 
 
-def is_installed(backend: str) -> bool:
-    return backend not in _PACKAGES or importlib.util.find_spec(_PACKAGES[backend][0]) is not None
+@dataclass(frozen=True)
+class BackendKind:
+    """One entry of the registry (`BACKENDS`): how a backend is built and where it can run."""
+
+    name: str
+    build: Callable[[torch.nn.Module, BackendSpec], Backend]
+    devices: tuple[str, ...]  # device types it runs on
+    precisions: tuple[str, ...]  # precisions it runs (fp16 needs CUDA whatever the backend)
+    package: str | None = None  # the module it imports beyond torch; None: torch alone
+    extra: str | None = None  # the pip extra of timmserve that installs `package`
+    in_auto: bool = True  # a candidate of `--backend auto`
+    exports: bool = False  # converts the model to an artifact first (conversion can fail per model)
+    # Checks of this machine's libraries or CPU that the fields above cannot say; raise ModelLoadError.
+    check_machine: Callable[[torch.device, str], None] | None = None
+
+    def installed(self) -> bool:
+        return self.package is None or importlib.util.find_spec(self.package) is not None
 
 
-def check_backend(backend: str, device: torch.device, precision: str) -> None:
-    """Fail with one clear message where the backend cannot run here at this precision."""
-    if not is_installed(backend):
-        package, extra = _PACKAGES[backend]
-        raise ModelLoadError(f"--backend {backend} needs {package}: pip install 'timmserve[{extra}]'")
-    if backend == "openvino" and device.type != "cpu":
-        raise ModelLoadError("--backend openvino runs on the CPU; on CUDA use eager, compile or onnxruntime")
-    if backend == "openvino" and precision == "bf16" and "BF16" not in openvino_capabilities():
-        raise ModelLoadError(
-            "this CPU has no native bf16 for OpenVINO (needs AVX-512 BF16 or AMX); use --precision fp32"
-        )
-    if backend == "onnxruntime" and precision == "bf16":
-        raise ModelLoadError("--backend onnxruntime runs fp32 (fp16 on CUDA); for bf16 use eager or openvino")
-    if backend == "onnxruntime" and device.type == "cuda":
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers():  # before minutes of export
-            raise ModelLoadError("this onnxruntime has no CUDA provider: pip install 'timmserve[tensorrt]'")
+def check_supported(name: str, device: torch.device, precision: str) -> None:
+    """The one place the support rules live (precision × backend × device); raises ModelLoadError
+    with one line that names the fix. `name` "auto" checks the device × precision rules only (auto
+    then keeps the candidates that pass the rest)."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ModelLoadError("fp16 needs a CUDA device; on CPU use bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError(f"{torch.cuda.get_device_name(device)} does not support bf16; use fp16")
+    if name == "auto":
+        return
+    kind = BACKENDS[name]
+    if not kind.installed():
+        raise ModelLoadError(f"--backend {name} needs {kind.package}: pip install 'timmserve[{kind.extra}]'")
+    if device.type not in kind.devices:
+        others = ", ".join(n for n, k in BACKENDS.items() if device.type in k.devices)
+        raise ModelLoadError(f"--backend {name} runs on {' or '.join(kind.devices)}; on {device.type} use {others}")
+    if precision not in kind.precisions:
+        others = ", ".join(n for n, k in BACKENDS.items() if precision in k.precisions)
+        raise ModelLoadError(f"--backend {name} runs {' or '.join(kind.precisions)}; for {precision} use {others}")
+    if kind.check_machine is not None:
+        kind.check_machine(device, precision)
 
 
 def create_backend(name: str, model: torch.nn.Module, spec: BackendSpec) -> Backend:
-    """The model as a callable for one backend; exported artifacts come from (or go to) the cache."""
-    check_backend(name, spec.device, spec.precision)
+    """The model as a callable for one backend; exported artifacts come from (or go to) the cache.
+    Raises ModelLoadError where the backend cannot run here or cannot convert the model."""
+    check_supported(name, spec.device, spec.precision)
+    kind = BACKENDS[name]
     model = model.to(spec.device).eval()
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if name == "eager":
-        return _EagerBackend(model, spec)
-    if name == "compile":
-        return _CompiledBackend(model, spec)
+    if not kind.exports:
+        return kind.build(model, spec)
     try:
-        if name == "onnxruntime":
-            return _OnnxRuntimeBackend(model, spec)
-        return _OpenVinoBackend(model, spec)
+        return kind.build(model, spec)
     except ModelLoadError:
         raise
     except Exception as exc:  # an operator the exporter or converter does not support, …
@@ -226,10 +237,47 @@ def _convert_openvino(model: torch.nn.Module, spec: BackendSpec, target: Path) -
     assert bin_path.exists()
 
 
+def _check_openvino_machine(device: torch.device, precision: str) -> None:
+    if precision == "bf16" and "BF16" not in openvino_capabilities():
+        raise ModelLoadError(
+            "this CPU has no native bf16 for OpenVINO (needs AVX-512 BF16 or AMX); use --precision fp32"
+        )
+
+
+def _check_onnxruntime_machine(device: torch.device, precision: str) -> None:
+    if device.type == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():  # before minutes of export
+            raise ModelLoadError("this onnxruntime has no CUDA provider: pip install 'timmserve[tensorrt]'")
+
+
 def openvino_capabilities() -> list[str]:
     import openvino as ov
 
     return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+# The registry: every backend by name (config.Backend lists the same names, plus "auto").
+BACKENDS: dict[str, BackendKind] = {
+    kind.name: kind
+    for kind in (
+        BackendKind("eager", _EagerBackend, devices=("cpu", "cuda"), precisions=("fp32", "fp16", "bf16")),
+        # Not in `auto`: minutes of compilation in every worker on every start.
+        BackendKind(
+            "compile", _CompiledBackend, devices=("cpu", "cuda"), precisions=("fp32", "fp16", "bf16"), in_auto=False
+        ),
+        BackendKind(
+            "onnxruntime", _OnnxRuntimeBackend, devices=("cpu", "cuda"), precisions=("fp32", "fp16"),
+            package="onnxruntime", extra="onnxruntime", exports=True, check_machine=_check_onnxruntime_machine,
+        ),
+        BackendKind(
+            "openvino", _OpenVinoBackend, devices=("cpu",), precisions=("fp32", "bf16"),
+            package="openvino", extra="openvino", exports=True, check_machine=_check_openvino_machine,
+        ),
+    )
+}  # fmt: skip
+AUTO_CANDIDATES: tuple[str, ...] = tuple(name for name, kind in BACKENDS.items() if kind.in_auto)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -247,7 +295,8 @@ def cached_artifact(
     """The artifact's path in the cache, exported first when missing. The export writes into a
     private temporary folder; its files are renamed into place (the `suffix` file last), so a
     concurrent reader sees either nothing or complete files."""
-    library = version(_PACKAGES[backend][0])
+    # The module's own version: the onnxruntime-gpu distribution installs the same module.
+    library = importlib.import_module(BACKENDS[backend].package or "torch").__version__
     key_text = "|".join(
         [weights_fingerprint(model), backend, library, torch.__version__, spec.precision, spec.device.type]
         + [str(d) for d in spec.input_size]

@@ -19,7 +19,7 @@ import torch
 from timmserve.backends import Backend, BackendSpec, choose_backend, create_backend, describe_trials
 from timmserve.config import ServeConfig
 from timmserve.errors import ModelLoadError, RequestError
-from timmserve.model import LoadedModel, ModelInfo, check_precision_supported, load_model
+from timmserve.model import LoadedModel, ModelInfo, load_model
 from timmserve.payload import ImageRequest, Prediction
 from timmserve.photos import reference_photos
 from timmserve.preprocess import Normalizer, Preprocessor
@@ -108,7 +108,6 @@ class Classifier:
 def build_classifier(config: ServeConfig, labels: Sequence[str], device: torch.device) -> tuple[Classifier, ModelInfo]:
     """The configured model on `device`, ready to classify: what each server worker runs, and what
     the benchmark's ceilings measure. Backends use the calling thread's torch thread count."""
-    check_precision_supported(device, config.precision)
     loaded = load_model(config)
     if loaded.info.num_classes != len(labels):
         raise ModelLoadError(f"the model has {loaded.info.num_classes} classes but {len(labels)} labels were given")

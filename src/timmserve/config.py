@@ -157,11 +157,9 @@ class ServeConfig(Settings):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
-        """Rules over several settings; one ConfigError, naming the options, for the first broken."""
-        check(
-            not (self.backend == "openvino" and self.accelerator == "cuda"),
-            "--backend openvino runs on the CPU; on CUDA use eager, compile or onnxruntime",
-        )
+        """Rules over several settings; one ConfigError, naming the options, for the first broken.
+        (What a backend, precision and device support together is checked where the device is
+        known: backends.check_supported.)"""
         check(
             self.ray_max_replicas is None or self.ray_max_replicas >= self.worker_count(),
             "--ray-max-replicas must be at least the starting replica count (workers per device × devices)",
@@ -177,10 +175,6 @@ class ServeConfig(Settings):
         check(
             not (self.checkpoint is not None and self.random_weights),
             "--checkpoint and --random-weights contradict each other",
-        )
-        check(
-            not (self.precision == "fp16" and self.accelerator == "cpu"),
-            "fp16 needs a CUDA device; on CPU use --precision bf16 or fp32",
         )
         return self
 

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
+from timmserve.backends import check_supported
 from timmserve.classifier import prepare_backend
 from timmserve.config import ServeConfig
 from timmserve.errors import ModelLoadError
 from timmserve.labels import load_labels
-from timmserve.model import ModelInfo, check_precision_supported, load_model
+from timmserve.model import ModelInfo, load_model
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def prepare(config: ServeConfig) -> Prepared:
     ModelLoadError for anything wrong with the settings, the model, its weights or its labels."""
     config = resolve_machine(config)
     device = torch.device(config.accelerator)
-    check_precision_supported(device, config.precision)
+    check_supported(config.backend, device, config.precision)
     loaded = load_model(config)  # the workers load their own copy
     labels = load_labels(loaded.info.num_classes, label_file=config.labels, model_label_names=loaded.info.label_names)
     config = prepare_backend(config, loaded, device)
