@@ -18,7 +18,7 @@ import torch
 
 from timmserve.backends import Backend, BackendSpec, choose_backend, create_backend, describe_trials
 from timmserve.config import ServeConfig
-from timmserve.errors import ModelLoadError, RequestError
+from timmserve.errors import InternalError, ModelLoadError, RequestError
 from timmserve.model import LoadedModel, ModelInfo, load_model
 from timmserve.payload import ImageRequest, Prediction
 from timmserve.photos import reference_photos
@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 
 class Classifier:
+    """The batch function: encoded images in, one result per image out (see the module's doc).
+    Holds the backend, the preprocessor, the labels and a decode thread pool (`close` it)."""
+
     def __init__(
         self,
         backend: Backend,
@@ -51,7 +54,9 @@ class Classifier:
         )
 
     def classify(self, requests: Sequence[ImageRequest]) -> list[Result]:
-        """One result per request, in order."""
+        """One result per request, in order: its top-k predictions (descending probability), or
+        the RequestError that is that image's answer. Raises only when the model call itself fails
+        (that fails the whole batch: a bug, or the device)."""
         results: list[Result | torch.Tensor] = list(self._map(self._preprocess, requests))
         good = [i for i, item in enumerate(results) if isinstance(item, torch.Tensor)]
         if good:
@@ -90,14 +95,21 @@ class Classifier:
             self.probabilities(torch.zeros(batch_size, channels, height, width, dtype=torch.uint8))
 
     def close(self) -> None:
+        """Stop the decode threads (the bench builds and drops classifiers; a worker keeps its own)."""
         if self._decode_pool is not None:
             self._decode_pool.shutdown(wait=False)
 
     def _preprocess(self, request: ImageRequest) -> torch.Tensor | RequestError:
+        """The image's uint8 tensor, or the error that is this image's own answer: whatever goes
+        wrong with one image (even an error nobody anticipated, or running out of memory) must
+        not fail the images batched with it."""
         try:
             return self.preprocessor(request.data)
         except RequestError as error:
             return error
+        except Exception:  # a bug or a resource failure on this image alone: a 500 for it only
+            logger.exception("preprocessing an image failed")
+            return InternalError("the server failed while reading this image; the server log has the traceback")
 
     def _map(self, fn, items):  # noqa: ANN001, ANN202 - thin wrapper over Executor.map
         if self._decode_pool is None or len(items) < 2:
@@ -112,7 +124,10 @@ def build_classifier(config: ServeConfig, labels: Sequence[str], device: torch.d
     if loaded.info.num_classes != len(labels):
         raise ModelLoadError(f"the model has {loaded.info.num_classes} classes but {len(labels)} labels were given")
     preprocessor = Preprocessor(
-        loaded.info.data_config, max_pixels=config.max_image_pixels, fast_decode=config.fast_decode
+        loaded.info.data_config,
+        max_pixels=config.max_image_pixels,
+        max_aspect_ratio=config.max_aspect_ratio,
+        fast_decode=config.fast_decode,
     )
     spec = backend_spec(config, loaded.info, device)
     name = resolve_backend(config, loaded, device) if config.backend == "auto" else config.backend

@@ -124,6 +124,9 @@ class ServeConfig(Settings):
     max_image_pixels: int = setting(
         64 * 1024 * 1024, "Largest image, in pixels, checked before decoding (decompression bombs); larger: 413.", ge=1
     )
+    max_aspect_ratio: float = setting(
+        32.0, "Longest side ÷ shortest side an image may have (bounds the resize's cost); more: 400.", ge=1
+    )
     timeout: float = setting(
         30.0, "Seconds from admission to answer (queue wait and inference) before a 504 frees the slot.", gt=0
     )

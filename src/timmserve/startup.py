@@ -40,7 +40,7 @@ class Prepared:
 
 
 def resolve_accelerator(config: ServeConfig) -> str:
-    """"cpu" or "cuda"; raises ModelLoadError when CUDA is asked for and torch sees none."""
+    """ "cpu" or "cuda"; raises ModelLoadError when CUDA is asked for and torch sees none."""
     if config.accelerator == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if config.accelerator == "cuda" and not torch.cuda.is_available():

@@ -104,7 +104,7 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(start_server
     assert "draining in-flight requests" in log and "stopped" in log
 
 
-def test_a_dead_worker_is_reported_and_replaced_while_the_other_serves(start_server, photos):
+def test_a_dead_worker_loses_no_request_and_is_reported_at_once(start_server, photos):
     server = start_server("--workers-per-device", "2", "--max-batch-size", "4")
     workers = [p for p in psutil.Process(server.pid).children() if "spawn_main" in " ".join(p.cmdline())]
     workers = [p for p in workers if "resource_tracker" not in " ".join(p.cmdline())]
@@ -123,21 +123,23 @@ def test_a_dead_worker_is_reported_and_replaced_while_the_other_serves(start_ser
     try:
         assert wait_for(lambda: len(statuses) >= 8, timeout=60)
         workers[0].kill()
-        health: list[int] = []
+        killed_at = time.monotonic()
+        health: list[tuple[float, int]] = []
 
         def recovered() -> bool:
-            health.append(httpx.get(f"{server.url}/health", timeout=10).status_code)
-            return 503 in health and health[-1] == 200
+            health.append((time.monotonic() - killed_at, httpx.get(f"{server.url}/health", timeout=10).status_code))
+            return 503 in [status for _, status in health] and health[-1][1] == 200
 
-        assert wait_for(recovered, timeout=180, interval=0.25), health  # 503 while replacing, then 200
+        assert wait_for(recovered, timeout=180, interval=0.1), health  # 503 while replacing, then 200
+        first_503 = min(at for at, status in health if status == 503)
+        assert first_503 < 1.0, health  # from the moment the death is known (LitServe's monitor: 2 s)
         served_before = statuses.count(200)
         assert wait_for(lambda: statuses.count(200) >= served_before + 8, timeout=60)
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=60)
-    assert set(statuses) <= {200, 503}  # 503 only for images that were on the dead worker
-    assert statuses.count(503) <= 4 * 4
+    assert set(statuses) == {200}, statuses  # images on the dead worker went to the live one
     replacement = [p for p in psutil.Process(server.pid).children() if "spawn_main" in " ".join(p.cmdline())]
     assert workers[0].pid not in {p.pid for p in replacement}
     assert re.search(r"inference worker 0 \(pid \d+\) died with exit code -9; starting a replacement", server.log())
