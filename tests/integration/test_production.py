@@ -291,20 +291,31 @@ def test_request_ids_are_returned_and_logged_as_json(start_server, photos):
 
 
 def test_the_batcher_waits_batch_timeout_for_more_images_and_no_longer(start_server, photos):
-    server = start_server("--max-batch-size", "8", "--batch-timeout", "1.5")
+    # 1 s: a bucket boundary of the queue-wait histogram (metrics.LATENCY_BUCKETS).
+    server = start_server("--max-batch-size", "8", "--batch-timeout", "1")
     before = scrape(server.url)
 
     def send_after(delay: float) -> httpx.Response:
         time.sleep(delay)
         return predict(server.url, photos["cat"])
 
-    # Three images 0.2 s apart: one batch, because the first waits up to 1.5 s for company.
+    # Three images 0.2 s apart: one batch, because the first waits up to 1 s for company.
     with ThreadPoolExecutor(3) as pool:
         responses = list(pool.map(send_after, (0.0, 0.2, 0.4)))
     assert [r.status_code for r in responses] == [200] * 3
     after = scrape(server.url)
-    assert after["timmserve_batch_size_count"] - before.get("timmserve_batch_size_count", 0) == 1
-    assert after["timmserve_batch_size_sum"] - before.get("timmserve_batch_size_sum", 0) == 3
+
+    def moved(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert moved("timmserve_batch_size_count") == 1 and moved("timmserve_batch_size_sum") == 3
+    # The batch did not fill, so it closed 1 s after the first image was taken: that image waited
+    # more than 1 s in the queue. LitServe's stock loop counts the second from when the idle worker
+    # last began waiting, so there every image waits 1 s or less.
+    waited_over_timeout = moved("timmserve_queue_wait_seconds_count") - moved(
+        'timmserve_queue_wait_seconds_bucket{le="1.0"}'
+    )
+    assert waited_over_timeout >= 1
 
 
 def test_without_a_timeout_batches_still_form_under_load(start_server, photos):
