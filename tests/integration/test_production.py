@@ -19,9 +19,13 @@ import psutil
 import pytest
 
 from tests.conftest import DATA
+from timmserve.bench.process import ServerProcess
+from timmserve.frontend import WATCH_INTERVAL
 
 RAW = {"Content-Type": "application/octet-stream"}
 SMALL_MODEL = ("--model", "test_efficientnet", "--random-weights")
+JSON_ACCESS_LOG = ("--log-format", "json", "--log-level", "info")
+OUTCOMES = ("classified", "rejected", "abandoned")  # of each image a worker takes from the queue
 
 
 def predict(url: str, data: bytes, **kwargs) -> httpx.Response:
@@ -40,6 +44,16 @@ def scrape(url: str, **kwargs) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
+
+
+def logged(server: ServerProcess) -> list[dict]:
+    """The server's log entries so far (started with JSON_ACCESS_LOG)."""
+    return [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+
+
+def predict_access(server: ServerProcess) -> list[dict]:
+    """Access-log entries of `POST /predict`, one per request answered."""
+    return [e for e in logged(server) if e["logger"] == "timmserve.access" and e["message"].startswith("POST /predict")]
 
 
 def wait_for(condition, timeout: float, interval: float = 0.05) -> bool:
@@ -144,28 +158,33 @@ def test_a_dead_worker_is_reported_and_replaced_while_the_other_serves(start_ser
 
 
 def test_the_request_timeout_answers_504_and_frees_the_slot(start_server, photos):
-    server = start_server("--max-batch-size", "1", "--timeout", "0.25")
-    started = time.monotonic()
+    timeout = 0.25
+    server = start_server("--max-batch-size", "1", "--timeout", str(timeout), *JSON_ACCESS_LOG)
     with ThreadPoolExecutor(24) as pool:
-        timed = list(pool.map(lambda _: _timed(predict, server.url, photos["cat"]), range(24)))
-    statuses = [response.status_code for response, _ in timed]
+        responses = list(pool.map(lambda _: predict(server.url, photos["cat"]), range(24)))
+    statuses = [response.status_code for response in responses]
     assert set(statuses) <= {200, 504} and 504 in statuses, statuses
-    for response, elapsed in timed:
-        if response.status_code == 504:
-            assert "request timeout of 0.25 s" in response.json()["detail"]
-            assert elapsed < 10  # the 0.25 s deadline answered, not something slower (CI's 2 cores are busy)
-    assert time.monotonic() - started < 30
-    metrics = scrape(server.url)
-    assert metrics["timmserve_in_flight_images"] == 0
-    # The worker skipped images whose request had already been answered 504.
-    assert wait_for(lambda: scrape(server.url).get('timmserve_images_total{outcome="abandoned"}', 0) > 0, timeout=10)
-    assert predict(server.url, photos["cat"]).status_code == 200
+    assert all("request timeout of 0.25 s" in r.json()["detail"] for r in responses if r.status_code == 504)
+    # Timed by the server (its access log), from the request's arrival: what the client measures
+    # adds its own threads and the accept queue on a busy machine. A waiting request looks at its
+    # deadline at least once per watch interval, so every answer, 200 or 504, comes by then; the
+    # second on top is slack for a busy 2-core machine (the worker holds both cores).
+    late = timeout + WATCH_INTERVAL + 1.0
+    assert wait_for(lambda: len(predict_access(server)) == len(responses), timeout=10)
+    for entry in predict_access(server):
+        assert entry["duration_ms"] < late * 1000, entry
+        if entry["status"] == 504:
+            assert entry["duration_ms"] >= timeout * 1000, entry  # never before the deadline
+    assert scrape(server.url)["timmserve_in_flight_images"] == 0
 
+    def taken() -> dict[str, float]:
+        images = scrape(server.url)
+        return {outcome: images.get(f'timmserve_images_total{{outcome="{outcome}"}}', 0) for outcome in OUTCOMES}
 
-def _timed(fn, *args) -> tuple[httpx.Response, float]:
-    started = time.monotonic()
-    response = fn(*args)
-    return response, time.monotonic() - started
+    # The worker gets through the backlog, skipping the images whose request was answered 504
+    # (not a 200 for a new request: on a busy machine one image may take longer than 0.25 s).
+    assert wait_for(lambda: sum(taken().values()) == len(responses), timeout=30), taken()
+    assert taken()["abandoned"] > 0 and taken()["rejected"] == 0
 
 
 def _finished_at(fn, *args) -> tuple[httpx.Response, float]:
@@ -269,21 +288,18 @@ def test_metrics_move_by_exactly_the_requests_sent(start_server, photos):
 
 
 def test_request_ids_are_returned_and_logged_as_json(start_server, photos):
-    server = start_server(*SMALL_MODEL, "--log-format", "json", "--log-level", "info")
+    server = start_server(*SMALL_MODEL, *JSON_ACCESS_LOG)
     given = predict(server.url, photos["cat"], headers={"X-Request-ID": "trace-42.a"})
     assert given.headers["X-Request-ID"] == "trace-42.a"
     made_up = predict(server.url, b"garbage", headers={"X-Request-ID": "no spaces or\tcontrol"})
     new_id = made_up.headers["X-Request-ID"]
     assert made_up.status_code == 400 and re.fullmatch(r"[0-9a-f]{32}", new_id)
 
-    def logged() -> list[dict]:
-        return [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-
     def access_lines() -> dict[str, dict]:
-        return {e["request_id"]: e for e in logged() if e["logger"] == "timmserve.access"}
+        return {e["request_id"]: e for e in predict_access(server)}
 
     assert wait_for(lambda: new_id in access_lines(), timeout=10)
-    entries, access = logged(), access_lines()
+    entries, access = logged(server), access_lines()
     assert access["trace-42.a"]["status"] == 200 and access["trace-42.a"]["message"] == "POST /predict 200"
     assert access[new_id]["status"] == 400 and access[new_id]["duration_ms"] > 0
     rejected = [e for e in entries if e.get("request_id") == new_id and e["logger"] == "timmserve.worker"]
