@@ -76,7 +76,7 @@ def test_bench_config_is_json_ready():
     values = BenchConfig(images=Path(__file__)).as_dict()
     assert values["concurrency"] == [1, 8, 32, 64] and values["images"] == __file__
     assert values["serve"]["max_batch_size"] == 8
-    json.dumps(values)
+    assert json.loads(json.dumps(values)) == values  # plain JSON types: no tuple or Path to convert
 
 
 def test_queue_limit_defaults_to_four_batches_per_worker_and_at_least_128():
