@@ -16,6 +16,7 @@ sees half a file. Nothing in the cache is a pickle.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from timmserve.errors import ModelLoadError
+from timmserve.machine import cpu_features, device_name, native_reduced_precision
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +76,8 @@ class BackendKind:
 
 def check_supported(name: str, device: torch.device, precision: str) -> None:
     """The one place the support rules live (precision × backend × device); raises ModelLoadError
-    with one line that names the fix. `name` "auto" checks the device × precision rules only (auto
-    then keeps the candidates that pass the rest)."""
+    with one line that names the fix. "auto" for either checks only what is pinned (auto then
+    measures the candidates that pass the rest)."""
     if precision == "fp16" and device.type != "cuda":
         raise ModelLoadError("fp16 needs a CUDA device; on CPU use bf16 or fp32")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -88,7 +90,7 @@ def check_supported(name: str, device: torch.device, precision: str) -> None:
     if device.type not in kind.devices:
         others = ", ".join(n for n, k in BACKENDS.items() if device.type in k.devices)
         raise ModelLoadError(f"--backend {name} runs on {' or '.join(kind.devices)}; on {device.type} use {others}")
-    if precision not in kind.precisions:
+    if precision != "auto" and precision not in kind.precisions:
         others = ", ".join(n for n, k in BACKENDS.items() if precision in k.precisions)
         raise ModelLoadError(f"--backend {name} runs {' or '.join(kind.precisions)}; for {precision} use {others}")
     if kind.check_machine is not None:
@@ -295,8 +297,7 @@ def cached_artifact(
     """The artifact's path in the cache, exported first when missing. The export writes into a
     private temporary folder; its files are renamed into place (the `suffix` file last), so a
     concurrent reader sees either nothing or complete files."""
-    # The module's own version: the onnxruntime-gpu distribution installs the same module.
-    library = importlib.import_module(BACKENDS[backend].package or "torch").__version__
+    library = _library_version(BACKENDS[backend].package or "torch")
     key_text = "|".join(
         [weights_fingerprint(model), backend, library, torch.__version__, spec.precision, spec.device.type]
         + [str(d) for d in spec.input_size]
@@ -315,6 +316,43 @@ def cached_artifact(
             os.replace(file, spec.cache_dir / file.name)
     logger.info("Exported the model for %s in %.1f s → %s", backend, time.perf_counter() - started, path)
     return path
+
+
+def decision_key(model: torch.nn.Module, spec: BackendSpec, candidates: Sequence[tuple[str, str]]) -> str:
+    """What an `auto` decision depends on, hashed: the weights, the machine (device name, CPU
+    instruction sets), the libraries' versions, the threads, batch size, memory format and input
+    shape it was timed with, and the candidates."""
+    libraries = [
+        f"{kind.package}={_library_version(kind.package)}"
+        for kind in BACKENDS.values()
+        if kind.package is not None and kind.installed()
+    ]
+    parts = [
+        weights_fingerprint(model),
+        device_name(spec.device),
+        ",".join(cpu_features()),
+        f"torch={torch.__version__}",
+        *libraries,
+        f"threads={spec.threads}",
+        f"batch={spec.max_batch_size}",
+        f"channels_last={spec.channels_last}",
+        "x".join(map(str, spec.input_size)),
+        *(f"{name}:{precision}" for name, precision in candidates),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """Write a small cache file under a temporary name, then rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".", delete=False) as staged:
+        staged.write(content)
+    os.replace(staged.name, path)
+
+
+def _library_version(package: str) -> str:
+    # The module's own version: the onnxruntime-gpu distribution installs the same module.
+    return importlib.import_module(package).__version__
 
 
 @dataclass(frozen=True)
@@ -365,47 +403,69 @@ def agreement(reference_logits: torch.Tensor, logits: torch.Tensor, tolerance: f
 @dataclass(frozen=True)
 class BackendTrial:
     name: str
+    precision: str
     img_per_s: float | None  # None: could not run here
     agreement: Agreement | None
     error: str | None = None
 
+    def as_dict(self) -> dict[str, Any]:
+        agreed = self.agreement.as_dict() if self.agreement is not None else None
+        return {"backend": self.name, "precision": self.precision, "img_per_s": self.img_per_s,
+                "agreement": agreed, "error": self.error}  # fmt: skip
+
+
+def auto_candidates(backend: str, precision: str, device: torch.device) -> list[tuple[str, str]]:
+    """The (backend, precision) pairs `auto` measures: every `auto` backend where `backend` is
+    "auto", and fp32 plus the device's native reduced precision (machine.native_reduced_precision)
+    where `precision` is "auto"; a pinned value is the only candidate of its kind."""
+    names = AUTO_CANDIDATES if backend == "auto" else (backend,)
+    reduced = native_reduced_precision(device)
+    precisions = (precision,) if precision != "auto" else ("fp32", reduced) if reduced else ("fp32",)
+    return [(name, p) for name in names for p in precisions]
+
 
 def choose_backend(
-    model: torch.nn.Module, spec: BackendSpec, inputs: torch.Tensor, *, seconds: float = 1.0
-) -> tuple[str, list[BackendTrial]]:
-    """`auto`: build every installed candidate, check its answers on `inputs` (normalised photos)
-    against eager fp32, time it at the batch size the server will mostly see, keep the fastest that
-    agrees. The timing interleaves the candidates in short slices (each keeps its best slice), so a
-    machine whose speed drifts favours none of them. Eager always qualifies: there is an answer."""
+    model: torch.nn.Module,
+    spec: BackendSpec,
+    inputs: torch.Tensor,
+    candidates: Sequence[tuple[str, str]],
+    *,
+    seconds: float = 1.0,
+) -> tuple[BackendTrial, list[BackendTrial]]:
+    """`auto`: build every candidate (backend, precision), check its answers on `inputs`
+    (normalised photos) against eager fp32 within that precision's tolerance, time it at the batch
+    size the server will mostly see, keep the fastest that agrees. The timing interleaves the
+    candidates in short slices (each keeps its best slice), so a machine whose speed drifts favours
+    none of them. Returns (the chosen trial, every trial); raises ModelLoadError when none runs and
+    agrees."""
     with torch.inference_mode():
         reference = model.float().eval()(inputs.to(torch.float32)).float()
     batch_size = min(8, spec.max_batch_size)
     timing_batch = inputs[torch.arange(batch_size) % inputs.shape[0]].to(spec.device)
-    built: dict[str, tuple[Backend, Agreement]] = {}
-    errors: dict[str, str] = {}
-    for name in AUTO_CANDIDATES:
+    built: dict[tuple[str, str], tuple[Backend, Agreement]] = {}
+    errors: dict[tuple[str, str], str] = {}
+    for name, precision in candidates:
         try:
-            backend = create_backend(name, model, spec)
+            backend = create_backend(name, model, dataclasses.replace(spec, precision=precision))
         except ModelLoadError as exc:
-            errors[name] = str(exc)
+            errors[name, precision] = str(exc)
             continue
-        built[name] = (
-            backend,
-            agreement(reference, backend(inputs.to(spec.device)).cpu(), probability_tolerance(spec.precision)),
-        )
-    rates = {name: 0.0 for name in built}
+        logits = backend(inputs.to(spec.device)).cpu()
+        built[name, precision] = (backend, agreement(reference, logits, probability_tolerance(precision)))
+    rates = dict.fromkeys(built, 0.0)
     for _ in range(AUTO_TIMING_SLICES):
-        for name, (backend, _agreed) in built.items():
-            rates[name] = max(rates[name], _images_per_second(backend, timing_batch, seconds / AUTO_TIMING_SLICES))
+        for key, (backend, _agreed) in built.items():
+            rates[key] = max(rates[key], _images_per_second(backend, timing_batch, seconds / AUTO_TIMING_SLICES))
     trials = [
-        BackendTrial(name, rates[name], built[name][1])
-        if name in built
-        else BackendTrial(name, None, None, errors[name])
-        for name in AUTO_CANDIDATES
+        BackendTrial(name, precision, rates[name, precision], built[name, precision][1])
+        if (name, precision) in built
+        else BackendTrial(name, precision, None, None, errors[name, precision])
+        for name, precision in candidates
     ]
     usable = [t for t in trials if t.img_per_s is not None and t.agreement is not None and t.agreement.ok]
-    best = max(usable, key=lambda t: t.img_per_s or 0.0) if usable else BackendTrial("eager", None, None)
-    return best.name, trials
+    if not usable:
+        raise ModelLoadError(f"no candidate backend runs here and agrees with eager fp32: {describe_trials(trials)}")
+    return max(usable, key=lambda t: t.img_per_s or 0.0), trials
 
 
 def _images_per_second(backend: Backend, batch: torch.Tensor, seconds: float) -> float:
@@ -421,11 +481,12 @@ def describe_trials(trials: Sequence[BackendTrial]) -> str:
     """One line per trial for the start-up log."""
     lines = []
     for trial in trials:
+        label = f"{trial.name} {trial.precision}"
         if trial.img_per_s is None:
-            lines.append(f"{trial.name}: not available ({trial.error})")
+            lines.append(f"{label}: not available ({trial.error})")
         else:
             agreed = trial.agreement
             verdict = "agrees" if agreed and agreed.ok else "DISAGREES"
             detail = f"top-1 {agreed.top1_agree}/{agreed.images}, max Δp {agreed.max_prob_diff:.1e}" if agreed else ""
-            lines.append(f"{trial.name}: {trial.img_per_s:.1f} img/s, {verdict} with eager fp32 ({detail})")
+            lines.append(f"{label}: {trial.img_per_s:.1f} img/s, {verdict} with eager fp32 ({detail})")
     return "; ".join(lines)

@@ -10,15 +10,27 @@ back as values in their own slots.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from timmserve.backends import Backend, BackendSpec, choose_backend, create_backend, describe_trials
+from timmserve.backends import (
+    Backend,
+    BackendSpec,
+    auto_candidates,
+    choose_backend,
+    create_backend,
+    decision_key,
+    describe_trials,
+    write_atomically,
+)
 from timmserve.config import ServeConfig
 from timmserve.errors import InternalError, ModelLoadError, RequestError
+from timmserve.machine import device_name
 from timmserve.model import LoadedModel, ModelInfo, load_model
 from timmserve.payload import ImageRequest, Prediction
 from timmserve.photos import reference_photos
@@ -130,7 +142,9 @@ def build_classifier(config: ServeConfig, labels: Sequence[str], device: torch.d
         fast_decode=config.fast_decode,
     )
     spec = backend_spec(config, loaded.info, device)
-    name = resolve_backend(config, loaded, device) if config.backend == "auto" else config.backend
+    if "auto" in (config.backend, config.precision):
+        config = resolve_auto(config, loaded, device)
+    name = config.backend
     classifier = Classifier(
         create_backend(name, loaded.model, spec),
         preprocessor,
@@ -154,29 +168,51 @@ def backend_spec(config: ServeConfig, info: ModelInfo, device: torch.device) -> 
     )
 
 
-def resolve_backend(config: ServeConfig, loaded: LoadedModel, device: torch.device) -> str:
-    """`--backend auto`: the fastest installed backend on this machine whose answers on the
-    reference photos agree with eager fp32 (see backends.choose_backend); logged with the trials."""
-    preprocessor = Preprocessor(loaded.info.data_config, max_pixels=config.max_image_pixels)
-    photos = torch.stack([preprocessor(data) for data in reference_photos().values()])
-    inputs = Normalizer(loaded.info.data_config, torch.device("cpu"))(photos)
-    name, trials = choose_backend(loaded.model, backend_spec(config, loaded.info, device), inputs)
-    logger.info("--backend auto chose %s on %s (%s)", name, device, describe_trials(trials))
-    return name
+def resolve_auto(config: ServeConfig, loaded: LoadedModel, device: torch.device) -> ServeConfig:
+    """`--backend auto` and/or `--precision auto`: the fastest (backend, precision) on this machine
+    whose answers on the reference photos agree with eager fp32 (backends.choose_backend), timed
+    with the calling thread's torch threads (set them as a worker's first). The decision is cached
+    beside the artifacts, keyed by everything it depends on (weights, machine, library versions,
+    threads, batch size), so a second start reuses it. Logged in one line either way. Raises
+    ModelLoadError when no candidate runs and agrees."""
+    candidates = auto_candidates(config.backend, config.precision, device)
+    spec = backend_spec(config.replace(precision="fp32"), loaded.info, device)
+    key = decision_key(loaded.model, spec, candidates)
+    path = config.artifact_cache() / "decisions" / f"{key}.json"
+    try:
+        decision = json.loads(path.read_text())
+        how = f"decided {decision['decided_at']}, cached in {path}"
+    except (OSError, ValueError):
+        preprocessor = Preprocessor(loaded.info.data_config, max_pixels=config.max_image_pixels)
+        photos = torch.stack([preprocessor(data) for data in reference_photos().values()])
+        inputs = Normalizer(loaded.info.data_config, torch.device("cpu"))(photos)
+        chosen, trials = choose_backend(loaded.model, spec, inputs, candidates)
+        decision = {
+            "backend": chosen.name,
+            "precision": chosen.precision,
+            "decided_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "trials": [trial.as_dict() for trial in trials],
+        }
+        write_atomically(path, json.dumps(decision, indent=1).encode())
+        how = describe_trials(trials)
+    logger.info(
+        "auto chose --backend %s --precision %s on %s with %d thread(s) (%s)",
+        decision["backend"], decision["precision"], device_name(device), spec.threads, how,
+    )  # fmt: skip
+    return config.replace(backend=decision["backend"], precision=decision["precision"])
 
 
 def prepare_backend(config: ServeConfig, loaded: LoadedModel, device: torch.device) -> ServeConfig:
-    """Run once in the main process, before any worker starts: resolve `auto` and export the
-    backend's artifact into the cache (and prove it runs), so every worker only loads it; the
-    config returned names the backend the workers build. `auto` is timed with the workers' own
-    thread count (`config.torch_threads`, resolved by startup.resolve_machine)."""
-    if config.backend in ("eager", "compile"):
-        return config
+    """Run once in the main process, before any worker starts: resolve `auto` (backend and
+    precision) and export the backend's artifact into the cache (and prove it runs), so every
+    worker only loads it; the config returned names what the workers build. `auto` is timed with
+    the workers' own thread count (`config.torch_threads`, resolved by startup.resolve_machine)."""
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)  # measure as a worker runs
-    if config.backend == "auto":
-        return config.replace(backend=resolve_backend(config, loaded, device))  # built every candidate
-    create_backend(config.backend, loaded.model, backend_spec(config, loaded.info, device))
+    if "auto" in (config.backend, config.precision):
+        config = resolve_auto(config, loaded, device)
+    if config.backend not in ("eager", "compile"):
+        create_backend(config.backend, loaded.model, backend_spec(config, loaded.info, device))  # from the cache
     return config
 
 

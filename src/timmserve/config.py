@@ -25,7 +25,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 Engine = Literal["litserve", "ray"]
 # Inference backends (see backends.py); "auto" measures the installed ones on this machine at start.
 Backend = Literal["eager", "compile", "onnxruntime", "openvino", "auto"]
-Precision = Literal["fp32", "fp16", "bf16"]
+# "auto": fp32 or the device's native reduced precision, whichever is faster and passes the guard.
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Accelerator = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 # LitServe binds only these addresses (LitServer.run checks it).
@@ -61,7 +62,10 @@ class ServeConfig(Settings):
         metavar="FILE",
     )
     precision: Precision = setting(
-        "fp32", "fp32, bf16 (CPU or GPU) or fp16 (CUDA only); reduced precision runs under autocast."
+        "auto",
+        "fp32, bf16 (CPU or GPU) or fp16 (CUDA only), under autocast; auto: fp32 or the device's native "
+        "reduced precision (fp16 on CUDA, bf16 with AVX-512 BF16 or AMX), whichever is faster here and "
+        "agrees with fp32 on the reference photos.",
     )
     channels_last: bool = setting(
         False,
@@ -69,8 +73,9 @@ class ServeConfig(Settings):
         "and on tensor cores.",
     )
     backend: Backend = setting(
-        "eager",
-        "Inference backend; auto measures the installed ones here and keeps the fastest that agrees with eager.",
+        "auto",
+        "Inference backend; auto measures the installed ones here and keeps the fastest that agrees with eager "
+        "(decided once per machine and model, then cached).",
     )
     cache_dir: AnyPath | None = setting(
         None,
@@ -94,11 +99,19 @@ class ServeConfig(Settings):
     # --- devices and workers (Ray: replicas = workers per device × devices) ---
     accelerator: Accelerator = setting("auto", "cpu, cuda, or auto: CUDA where there is a GPU.")
     devices: int | None = setting(None, "Number of devices.", default_text="all of the accelerator's", ge=1)
-    workers_per_device: int = setting(1, "Inference worker processes (Ray: replicas) per device.", ge=1)
+    workers_per_device: int | None = setting(
+        None,
+        "Inference worker processes (Ray: replicas) per device.",
+        default_text="CPU: one per usable core, at most 8; CUDA: 2",
+        ge=1,
+    )
     api_servers: int | None = setting(None, "HTTP server (uvicorn) processes.", default_text="one per worker", ge=1)
     torch_threads: int | None = setting(None, "Intra-op threads per worker.", default_text="cores ÷ workers", ge=1)
-    decode_threads: int = setting(
-        2, "Threads decoding and preprocessing the images of one batch in parallel (PIL frees the GIL).", ge=1
+    decode_threads: int | None = setting(
+        None,
+        "Threads decoding and preprocessing the images of one batch in parallel (PIL frees the GIL).",
+        default_text="CPU: 1 per worker; CUDA: 4",
+        ge=1,
     )
     fast_decode: bool = setting(
         True,
@@ -107,7 +120,12 @@ class ServeConfig(Settings):
     )
 
     # --- batching ---
-    max_batch_size: int = setting(8, "Dynamic batching: most images per model call (1 turns batching off).", ge=1)
+    max_batch_size: int | None = setting(
+        None,
+        "Dynamic batching: most images per model call (1 turns batching off).",
+        default_text="CPU: 16; CUDA: 64",
+        ge=1,
+    )
     batch_timeout: float = setting(
         0.0,
         "Seconds a batch may wait for more images once the queue is drained; 0: never wait, batches grow "
@@ -164,10 +182,6 @@ class ServeConfig(Settings):
         (What a backend, precision and device support together is checked where the device is
         known: backends.check_supported.)"""
         check(
-            self.ray_max_replicas is None or self.ray_max_replicas >= self.worker_count(),
-            "--ray-max-replicas must be at least the starting replica count (workers per device × devices)",
-        )
-        check(
             self.engine == "ray" or (self.ray_address is None and self.ray_max_replicas is None),
             "--ray-address and --ray-max-replicas need --engine ray",
         )
@@ -189,8 +203,10 @@ class ServeConfig(Settings):
         return max(128, 4 * self.max_batch_size * self.worker_count())
 
     def worker_count(self) -> int:
-        """Inference workers (LitServe) or replicas (Ray) in all: workers per device × devices."""
-        return self.workers_per_device * (self.devices or 1)
+        """Inference workers (LitServe) or replicas (Ray) in all: workers per device × devices. On a
+        config resolved for the machine (startup.resolve_machine) only."""
+        assert self.workers_per_device is not None and self.devices is not None, "resolve the config first"
+        return self.workers_per_device * self.devices
 
     def api_key(self) -> str | None:
         """The API key from the variable `api_key_env` names; None when no key is asked for.

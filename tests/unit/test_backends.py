@@ -13,6 +13,7 @@ from timmserve.backends import (
     BackendSpec,
     agreement,
     check_supported,
+    auto_candidates,
     choose_backend,
     create_backend,
     openvino_capabilities,
@@ -87,9 +88,10 @@ def test_artifacts_are_cached_by_weights(name, model, inputs, tmp_path):
 
 
 def test_auto_measures_every_candidate_and_keeps_one_that_agrees(model, inputs, tmp_path):
-    name, trials = choose_backend(model, spec(tmp_path), inputs, seconds=0.2)
-    assert [t.name for t in trials] == list(AUTO_CANDIDATES)
-    chosen = next(t for t in trials if t.name == name)
+    candidates = auto_candidates("auto", "fp32", torch.device("cpu"))
+    assert candidates == [(name, "fp32") for name in AUTO_CANDIDATES]
+    chosen, trials = choose_backend(model, spec(tmp_path), inputs, candidates, seconds=0.2)
+    assert [(t.name, t.precision) for t in trials] == candidates
     assert chosen.agreement.ok
     assert chosen.img_per_s == max(t.img_per_s for t in trials if t.agreement and t.agreement.ok)
 

@@ -28,7 +28,7 @@ from timmserve.bench.load import LoadSpec, run_level
 from timmserve.bench.monitor import Monitor
 from timmserve.bench.process import ServerProcess
 from timmserve.bench.rungs import BEST, Ladder
-from timmserve.classifier import Classifier, build_classifier, resolve_backend
+from timmserve.classifier import Classifier, build_classifier, resolve_auto
 from timmserve.config import ServeConfig
 from timmserve.model import load_model
 from timmserve.photos import reference_photos
@@ -114,7 +114,7 @@ class Runner:
 
     def _pick_backend(self, name: str, serve: ServeConfig) -> str:
         torch.set_num_threads(resolve_machine(serve).torch_threads)  # as the rung's workers will run
-        chosen = resolve_backend(serve, load_model(serve), self.device)
+        chosen = resolve_auto(serve, load_model(serve), self.device).backend
         self.log(f"rung {name}: --backend auto chose {chosen}")
         return chosen
 
