@@ -320,8 +320,8 @@ def cached_artifact(
 
 def decision_key(model: torch.nn.Module, spec: BackendSpec, candidates: Sequence[tuple[str, str]]) -> str:
     """What an `auto` decision depends on, hashed: the weights, the machine (device name, CPU
-    instruction sets), the libraries' versions, the threads, batch size, memory format and input
-    shape it was timed with, and the candidates."""
+    instruction sets), the libraries' versions, the threads, batch size (`timing_batch_size`),
+    memory format and input shape it was timed with, and the candidates."""
     libraries = [
         f"{kind.package}={_library_version(kind.package)}"
         for kind in BACKENDS.values()
@@ -334,12 +334,17 @@ def decision_key(model: torch.nn.Module, spec: BackendSpec, candidates: Sequence
         f"torch={torch.__version__}",
         *libraries,
         f"threads={spec.threads}",
-        f"batch={spec.max_batch_size}",
+        f"batch={timing_batch_size(spec)}",
         f"channels_last={spec.channels_last}",
         "x".join(map(str, spec.input_size)),
         *(f"{name}:{precision}" for name, precision in candidates),
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def timing_batch_size(spec: BackendSpec) -> int:
+    """The batch size `auto` times candidates at: what a busy server mostly runs, at most 8."""
+    return min(8, spec.max_batch_size)
 
 
 def write_atomically(path: Path, content: bytes) -> None:
@@ -440,7 +445,7 @@ def choose_backend(
     agrees."""
     with torch.inference_mode():
         reference = model.float().eval()(inputs.to(torch.float32)).float()
-    batch_size = min(8, spec.max_batch_size)
+    batch_size = timing_batch_size(spec)
     timing_batch = inputs[torch.arange(batch_size) % inputs.shape[0]].to(spec.device)
     built: dict[tuple[str, str], tuple[Backend, Agreement]] = {}
     errors: dict[tuple[str, str], str] = {}

@@ -47,11 +47,11 @@ def usable_cores() -> int:
     return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
 
 
-def cpu_quota() -> float | None:
+def cpu_quota(memberships_file: Path = Path("/proc/self/cgroup"), cgroup_root: Path = CGROUP_ROOT) -> float | None:
     """This process's CPU quota in cores, from its own cgroup (v2 `cpu.max`, or v1
     `cpu.cfs_quota_us` ÷ `cpu.cfs_period_us`); None when unlimited or unknown."""
     try:
-        memberships = Path("/proc/self/cgroup").read_text().splitlines()
+        memberships = memberships_file.read_text().splitlines()
     except OSError:
         return None
     for line in memberships:
@@ -59,10 +59,10 @@ def cpu_quota() -> float | None:
         relative = path.lstrip("/")
         try:
             if controllers == "":  # cgroup v2
-                quota, period = (CGROUP_ROOT / relative / "cpu.max").read_text().split()[:2]
+                quota, period = (cgroup_root / relative / "cpu.max").read_text().split()[:2]
                 return None if quota == "max" else int(quota) / int(period)
             if "cpu" in controllers.split(","):
-                folder = next(p for p in (CGROUP_ROOT / "cpu", CGROUP_ROOT / controllers) if p.is_dir())
+                folder = next(p for p in (cgroup_root / "cpu", cgroup_root / controllers) if p.is_dir())
                 quota_us = int((folder / relative / "cpu.cfs_quota_us").read_text())
                 period_us = int((folder / relative / "cpu.cfs_period_us").read_text())
                 return None if quota_us <= 0 else quota_us / period_us

@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import DATA
+from tests.conftest import DATA, ONE_SLOW_WORKER
 from timmserve.bench.process import ServerProcess
 from timmserve.frontend import WATCH_INTERVAL
 
@@ -86,7 +86,7 @@ def _connection_refused(port: int) -> bool:
 
 @pytest.mark.parametrize("to_group", [False, True], ids=["SIGTERM to the main process", "SIGTERM to the group"])
 def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(start_server, photos, to_group):
-    server = start_server("--max-batch-size", "1", "--grace-period", "20", "--log-level", "info")
+    server = start_server("--max-batch-size", "1", "--grace-period", "20", "--log-level", "info", *ONE_SLOW_WORKER)
     sent = 32
 
     def all_admitted() -> bool:  # each one is queued or already answered: none left in a socket backlog
@@ -313,7 +313,7 @@ def test_request_ids_are_returned_and_logged_as_json(start_server, photos):
 
 def test_the_batcher_waits_batch_timeout_for_more_images_and_no_longer(start_server, photos):
     # 1 s: a bucket boundary of the queue-wait histogram (metrics.LATENCY_BUCKETS).
-    server = start_server("--max-batch-size", "8", "--batch-timeout", "1")
+    server = start_server("--max-batch-size", "8", "--batch-timeout", "1", *ONE_SLOW_WORKER)
     before = scrape(server.url)
 
     def send_after(delay: float) -> httpx.Response:
@@ -340,7 +340,7 @@ def test_the_batcher_waits_batch_timeout_for_more_images_and_no_longer(start_ser
 
 
 def test_without_a_timeout_batches_still_form_under_load(start_server, photos):
-    server = start_server("--max-batch-size", "16", "--batch-timeout", "0")
+    server = start_server("--max-batch-size", "16", "--batch-timeout", "0", *ONE_SLOW_WORKER)
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda _: predict(server.url, photos["cat"]), range(48)))
     assert [r.status_code for r in responses] == [200] * 48
