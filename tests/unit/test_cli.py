@@ -103,7 +103,9 @@ def test_option_help_types_and_defaults_come_from_the_schema():
     assert params.keys() == ServeConfig.model_fields.keys()
     for name, field in ServeConfig.model_fields.items():
         assert params[name].help == field.description
-    assert params["precision"].type.choices == ("auto", "fp32", "fp16", "bf16") and params["precision"].default == "auto"
+    assert (
+        params["precision"].type.choices == ("auto", "fp32", "fp16", "bf16") and params["precision"].default == "auto"
+    )
     assert params["devices"].show_default == "all of the accelerator's"
     fast_decode, channels_last = params["fast_decode"], params["channels_last"]
     assert (fast_decode.opts, fast_decode.secondary_opts) == (["--fast-decode"], ["--no-fast-decode"])
