@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -18,7 +22,7 @@ from timmserve.bench.ladder import run_bench
 from timmserve.bench.load import LoadSpec, measure_client_capacity, run_level
 from timmserve.bench.monitor import Monitor
 from timmserve.bench.process import free_port
-from timmserve.bench.report import PLOTS, write_results
+from timmserve.bench.report import PLOTS, to_markdown, write_results
 from timmserve.classifier import build_classifier
 from timmserve.config import ServeConfig
 from timmserve.labels import load_labels
@@ -113,7 +117,48 @@ def test_monitor_samples_the_server_tree(tiny_server, photos):
     assert 0 < summary["server_cpu_percent"] <= 100
     assert 0 < summary["cpu_percent"] <= 100
     assert summary["client_cpu_percent"] is not None
+    assert summary["foreign_cpu_percent"] >= 0
     assert summary["gpu_percent"] is None  # no GPU here
+
+
+@contextmanager
+def foreign_busy_process(seconds: float = 180) -> Iterator[psutil.Process]:
+    """A busy loop for at most `seconds`, outside this process's tree: a shell starts it in the
+    background and exits, so the bench does not count it as its own load generator. Killed by its
+    PID (psutil checks it is still the same process)."""
+    loop = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
+    shell = f"{shlex.quote(sys.executable)} -c {shlex.quote(loop)} >/dev/null 2>&1 & echo $!"
+    busy = psutil.Process(int(subprocess.run(["sh", "-c", shell], capture_output=True, text=True, check=True).stdout))
+    try:
+        yield busy
+    finally:
+        with suppress(psutil.NoSuchProcess):  # its own time limit may have ended it
+            busy.kill()
+
+
+def test_a_ladder_run_beside_a_busy_process_is_marked_foreign_load():
+    # The busy loop wants a whole core, 50 % of this 2-core machine; even sharing the cores with the
+    # server and the load generator, its share stays well over the 10 % line (a fifth of a core).
+    with foreign_busy_process() as busy:
+        assert busy.pid not in {p.pid for p in psutil.Process().children(recursive=True)}
+        config = BenchConfig(
+            serve=TINY,
+            ladder=("baseline",),
+            rounds=1,
+            concurrency=(2,),
+            duration=1.5,
+            warmup=0.3,
+            ceiling_duration=0.5,
+            ceiling_batch_sizes=(1,),
+        )
+        results = run_bench(config, progress=False, log=lambda line: None)
+    [run] = results["runs"]
+    [level] = run["levels"]
+    assert level["foreign_load"] is True and level["foreign_cpu_percent"] >= 10, level
+    assert run["ceiling"]["foreign_load"] is True, run["ceiling"]
+    markdown = to_markdown(results, [])
+    assert f"(foreign load {level['foreign_cpu_percent']:.0f}%" in markdown
+    assert "(foreign load) |" in markdown  # the ceiling's row
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +205,10 @@ def test_ladder_writes_the_design_fields(bench_results):
             assert level["efficiency"] > 0 and level["efficiency_vs_best"] > 0
             assert level["client_bound"] is False
             assert level["gpu_percent"] is None and level["cpu_percent"] is not None
+            # Measured, not asserted low: other programs on a shared machine may well be busy.
+            assert level["foreign_cpu_percent"] >= 0 and isinstance(level["foreign_load"], bool)
+            assert isinstance(level["too_few"], bool)
+        assert run["ceiling"]["foreign_cpu_percent"] >= 0 and isinstance(run["ceiling"]["foreign_load"], bool)
     baseline, best = saved["runs"]
     assert baseline["config"]["max_batch_size"] == 1 and baseline["config"]["decode_threads"] == 1
     assert best["config"]["max_batch_size"] == 64  # best combines the rungs not measured to lose

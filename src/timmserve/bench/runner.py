@@ -129,7 +129,8 @@ class Runner:
     def _ceilings(self, serve: ServeConfig, best_of: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
         """In this process, with the whole machine (no server running): model and pipeline at each
         batch size up to the rung's max batch size; or, after the levels, again at the batch sizes
-        that were best in `best_of` (so the rung's ceiling is bracketed in time)."""
+        that were best in `best_of` (so the rung's ceiling is bracketed in time). With the accuracy
+        guard, and the CPU % of the machine other processes used meanwhile."""
         sizes = [b for b in self.config.ceiling_batch_sizes if b <= serve.max_batch_size] or [1]
         pipeline_sizes = None
         if best_of is not None:
@@ -138,10 +139,12 @@ class Runner:
         torch.set_num_threads(serve.torch_threads or psutil.cpu_count() or 1)
         classifier, _ = build_classifier(serve, self.labels, self.device)
         try:
-            measured = measure_ceilings(
-                classifier, self.images, sizes, self.config.ceiling_duration, pipeline_batch_sizes=pipeline_sizes
-            )
-            return {**measured, "accuracy": self._accuracy_guard(classifier, serve)}
+            with Monitor() as monitor:
+                measured = measure_ceilings(
+                    classifier, self.images, sizes, self.config.ceiling_duration, pipeline_batch_sizes=pipeline_sizes
+                )
+            foreign = monitor.summary()["foreign_cpu_percent"]
+            return {**measured, "accuracy": self._accuracy_guard(classifier, serve), "foreign_cpu_percent": foreign}
         finally:
             classifier.close()
             del classifier
@@ -162,6 +165,7 @@ class Runner:
         return agreement(self.reference_logits, logits, tolerance).as_dict()
 
     def _levels(self, label: str, url: str, server_pid: int | None) -> list[dict[str, Any]]:
+        """Each level's load, resources and foreign CPU; `server_pid` None: a server not ours (`--url`)."""
         config = self.config
         steps = [("closed", c) for c in config.concurrency] + [("open", r) for r in config.rates]
         results = []
@@ -176,7 +180,7 @@ class Runner:
                 rate=value if mode == "open" else None,
                 timeout=config.request_timeout,
             )
-            with Monitor(server_pid) as monitor:
+            with Monitor(server_pid, unseen_server=server_pid is None) as monitor:
                 stats = self._with_progress(
                     f"{label} {key}={value:g}", partial(run_level, spec, config.client_processes)
                 )
