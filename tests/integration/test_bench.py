@@ -10,18 +10,19 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
+import httpx
 import psutil
 import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import DATA
+from tests.conftest import CAT_LABELS, DATA
 from timmserve.bench.ceiling import measure_ceilings
 from timmserve.bench.config import BenchConfig
 from timmserve.bench.ladder import run_bench
 from timmserve.bench.load import LoadSpec, measure_client_capacity, run_level
 from timmserve.bench.monitor import Monitor
-from timmserve.bench.process import free_port
+from timmserve.bench.process import REFERENCE_SERVER, ServerProcess, free_port
 from timmserve.bench.report import PLOTS, to_markdown, write_results
 from timmserve.classifier import build_classifier
 from timmserve.config import ServeConfig
@@ -161,11 +162,33 @@ def test_a_ladder_run_beside_a_busy_process_is_marked_foreign_load():
     assert "(foreign load) |" in markdown  # the ceiling's row
 
 
+def test_the_reference_server_answers_as_timmserve_serve_does(start_server, photos):
+    # The built-in model (real weights), so the cat photo has a meaningful top-1.
+    config = ServeConfig(workers_per_device=2, log_level="warning")
+    with ServerProcess.from_config(config, program=REFERENCE_SERVER) as reference:
+        assert len(psutil.Process(reference.pid).children(recursive=True)) >= 2  # uvicorn's workers
+        served = start_server("--max-batch-size", "4")
+        answers = [
+            httpx.post(f"{server.url}/predict", content=photos["cat"], headers={"Content-Type": "image/jpeg"})
+            for server in (reference, served)
+        ]
+        assert [answer.status_code for answer in answers] == [200, 200]
+        [from_reference, from_served] = [answer.json()["predictions"] for answer in answers]
+        assert from_reference[0]["label"] == from_served[0]["label"] and from_reference[0]["label"] in CAT_LABELS
+        assert from_reference[0]["probability"] == pytest.approx(from_served[0]["probability"], abs=1e-4)
+        # The same contract for a bad request, with the same status and words.
+        bad = [
+            httpx.post(f"{server.url}/predict", content=b"not an image", headers={"Content-Type": "image/jpeg"})
+            for server in (reference, served)
+        ]
+        assert [answer.status_code for answer in bad] == [400, 400] and bad[0].json() == bad[1].json()
+
+
 @pytest.fixture(scope="module")
 def bench_results(tmp_path_factory):
     config = BenchConfig(
         serve=TINY.replace(cache_dir=tmp_path_factory.mktemp("artifacts")),  # `best` resolves --backend auto
-        ladder=("baseline", "best"),
+        ladder=("reference", "baseline", "best"),
         rounds=2,
         concurrency=(1, 2),
         rates=(5.0,),
@@ -176,18 +199,19 @@ def bench_results(tmp_path_factory):
         images=DATA,
     )
     out = tmp_path_factory.mktemp("bench")
-    results = run_bench(config, progress=False, log=lambda line: None)
-    return results, write_results(results, out)
+    log: list[str] = []
+    results = run_bench(config, progress=False, log=log.append)
+    return results, write_results(results, out), log
 
 
 def test_ladder_writes_the_design_fields(bench_results):
-    results, path = bench_results
+    results, path, log = bench_results
     saved = json.loads(path.read_text())
     assert saved == json.loads(json.dumps(results))
     assert {"python", "torch", "timm", "litserve", "device", "cpus"} <= set(saved["env"])
     assert saved["model"]["name"] == "test_efficientnet" and saved["model"]["input_size"] == [3, 160, 160]
     assert saved["client_capacity_req_per_s"] > 0
-    assert [run["name"] for run in saved["runs"]] == ["baseline", "best"]
+    assert [run["name"] for run in saved["runs"]] == ["reference", "baseline", "best"]
     for run in saved["runs"]:
         assert run["rounds"] == 2
         assert run["config"]["model"] == "test_efficientnet"
@@ -209,7 +233,12 @@ def test_ladder_writes_the_design_fields(bench_results):
             assert level["foreign_cpu_percent"] >= 0 and isinstance(level["foreign_load"], bool)
             assert isinstance(level["too_few"], bool)
         assert run["ceiling"]["foreign_cpu_percent"] >= 0 and isinstance(run["ceiling"]["foreign_load"], bool)
-    baseline, best = saved["runs"]
+    reference, baseline, best = saved["runs"]
+    assert (reference["config"]["engine"], reference["config"]["max_batch_size"]) == ("reference", 1)
+    # Round 1 in ladder order: the reference rung on its own server, the others on `timmserve serve`.
+    servers = [line.split(" server: ")[1].split(" on ")[0] for line in log if " server: " in line]
+    assert servers[:3] == ["python -m timmserve.bench.reference"] + ["python -m timmserve serve"] * 2
+    assert "reference" not in saved["bench"]["ladder_notes"]["from"]
     assert baseline["config"]["max_batch_size"] == 1 and baseline["config"]["decode_threads"] == 1
     assert best["config"]["max_batch_size"] == 64  # best combines the rungs not measured to lose
     assert best["config"]["backend"] in ("eager", "onnxruntime", "openvino")  # auto, resolved once
@@ -218,13 +247,14 @@ def test_ladder_writes_the_design_fields(bench_results):
 
 
 def test_report_renders_from_a_saved_file(bench_results):
-    _, path = bench_results
+    _, path, _ = bench_results
     for name in ("results.md", *PLOTS):
         (path.parent / name).unlink(missing_ok=True)
     result = subprocess.run([sys.executable, "-m", "timmserve", "report", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     markdown = (path.parent / "results.md").read_text()
     assert "| baseline | c=1 |" in markdown and "| best | 5 req/s open |" in markdown
+    assert "| reference | c=2 |" in markdown and "- best vs reference: c=1: " in markdown
     assert "## Accuracy guard" in markdown and "| baseline | eager | fp32 | 4/4 |" in markdown
     assert "best vs baseline" in markdown
     for name in PLOTS:

@@ -157,8 +157,10 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
     runs = {run["name"]: run for run in results["runs"]}
     names = list(runs)
     pairs = list(zip(names, names[1:]))
-    if "baseline" in runs and "best" in runs and ("baseline", "best") not in pairs:
-        pairs.append(("baseline", "best"))
+    # best against where the ladder starts, and against the naive server: does the design pay?
+    for start in ("baseline", "reference"):
+        if start in runs and "best" in runs and (start, "best") not in pairs:
+            pairs.append((start, "best"))
     if not pairs:
         return []
     lines = [

@@ -26,8 +26,8 @@ from timmserve.bench.ceiling import measure_ceilings
 from timmserve.bench.config import BenchConfig
 from timmserve.bench.load import LoadSpec, run_level
 from timmserve.bench.monitor import Monitor
-from timmserve.bench.process import ServerProcess
-from timmserve.bench.rungs import BEST, Ladder
+from timmserve.bench.process import REFERENCE_SERVER, SERVE, ServerProcess
+from timmserve.bench.rungs import BEST, REFERENCE, Ladder
 from timmserve.classifier import Classifier, build_classifier, resolve_backend
 from timmserve.config import ServeConfig
 from timmserve.model import load_model
@@ -87,7 +87,9 @@ class Runner:
                         ladder.best_knobs["backend"] = self._pick_backend(BEST, ladder.config(BEST))
                 self.log(f"round {round_index + 1}/{self.config.rounds}: {name}")
                 measured[name].append(self._run_rung(name, ladder.config(name), round_index))
-        runs = [Measured(name, ladder.config(name).as_dict(), rounds) for name, rounds in measured.items()]
+        runs = [
+            Measured(name, _reported_config(name, ladder.config(name)), rounds) for name, rounds in measured.items()
+        ]
         notes = {"skipped": ladder.skipped}
         if BEST in ladder.names:
             notes.update({"from": ladder.best_from, "left_out": ladder.best_left_out})
@@ -121,7 +123,9 @@ class Runner:
     def _run_rung(self, name: str, serve: ServeConfig, round_index: int) -> dict[str, Any]:
         before = self._ceilings(serve)
         self.log(f"  {name} r{round_index + 1} ceilings: {_describe_ceilings(before)}")
-        with ServerProcess.from_config(serve.replace(log_level="warning")) as server:
+        program = REFERENCE_SERVER if name == REFERENCE else SERVE
+        with ServerProcess.from_config(serve.replace(log_level="warning"), program=program) as server:
+            self.log(f"  {name} r{round_index + 1} server: python -m {' '.join(program)} on {server.url}")
             levels = self._levels(f"{name} r{round_index + 1}", server.url, server.pid)
         after = self._ceilings(serve, best_of=before)
         return {"ceiling_before": before, "ceiling_after": after, "levels": levels}
@@ -221,6 +225,14 @@ class Runner:
         if "error" in outcome:
             raise outcome["error"]
         return outcome["value"]
+
+
+def _reported_config(name: str, serve: ServeConfig) -> dict[str, Any]:
+    """A run's config as results.json reports it; the reference rung names its own server."""
+    config = serve.as_dict()
+    if name == REFERENCE:
+        config["engine"] = "reference"  # the knobs are ServeConfig's, the server is not LitServe
+    return config
 
 
 def _fastest(rows: list[dict[str, Any]]) -> dict[str, Any]:
