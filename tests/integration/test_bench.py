@@ -24,7 +24,9 @@ from timmserve.bench.load import LoadSpec, measure_client_capacity, run_level
 from timmserve.bench.monitor import Monitor
 from timmserve.bench.process import REFERENCE_SERVER, ServerProcess, free_port
 from timmserve.bench.report import PLOTS, to_markdown, write_results
+from timmserve.bench.winner import write_winner
 from timmserve.classifier import build_classifier
+from timmserve.cli import _serve_config, serve
 from timmserve.config import ServeConfig
 from timmserve.labels import load_labels
 
@@ -259,3 +261,12 @@ def test_report_renders_from_a_saved_file(bench_results):
     assert "best vs baseline" in markdown
     for name in PLOTS:
         assert (path.parent / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_winner_is_written_as_the_config_serve_loads(bench_results, tmp_path):
+    results, _, _ = bench_results
+    path = tmp_path / "serve.toml"
+    assert write_winner(results, path) == "best"
+    ctx = serve.make_context("serve", ["--config", str(path)])
+    loaded = _serve_config(ctx, path, {name: value for name, value in ctx.params.items() if name != "config_file"})
+    assert loaded == ServeConfig.from_mapping(results["runs"][-1]["config"])

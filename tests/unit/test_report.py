@@ -1,9 +1,23 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from timmserve.bench.config import BenchConfig
 from timmserve.bench.report import to_markdown, write_results
+from timmserve.bench.winner import winning_run, write_winner
+from timmserve.cli import _bench_config, _serve_config, bench, serve
+from timmserve.config import ServeConfig
+from timmserve.errors import ConfigError, TimmServeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
 
 
 def test_write_results_writes_the_json_only_so_the_report_is_rendered_once(tmp_path):
@@ -103,3 +117,62 @@ def _row(markdown: str, start: str) -> str:
     [row] = [line for line in markdown.splitlines() if line.startswith(start)]
     return row
 
+
+def served(name: str, config: ServeConfig, levels: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"name": name, "config": config.as_dict(), "rounds": 1, "ceiling": None, "levels": levels}
+
+
+SERVED = ServeConfig(model="test_efficientnet", random_weights=True)
+
+
+def test_the_winner_is_best_else_the_fastest_unmarked_rung_at_the_highest_concurrency():
+    baseline = served("baseline", SERVED.replace(max_batch_size=1), [level(1, 10.0), level(8, 12.0)])
+    batching = served("batching", SERVED.replace(max_batch_size=64), [level(1, 9.0), level(8, 30.0)])
+    workers = served("workers", SERVED, [level(1, 8.0), level(8, 45.0, client_bound=True)])
+    reference = served("reference", SERVED, [level(1, 50.0), level(8, 60.0)])  # not a `timmserve serve` config
+    best = served("best", SERVED, [level(1, 5.0, too_few=True), level(8, 6.0, foreign_load=True)])
+    assert winning_run(results([baseline, batching, workers, reference, best]))["name"] == "best"
+    assert winning_run(results([baseline, batching, workers, reference]))["name"] == "batching"
+    batching["levels"][1]["too_few"] = True
+    baseline["levels"][1]["foreign_load"] = True
+    assert winning_run(results([baseline, batching, workers]))["name"] == "baseline"  # at c=1, all else marked
+    for lvl in (baseline, batching, workers):
+        lvl["levels"][0]["client_bound"] = True
+    with pytest.raises(TimmServeError, match="no winner to write"):
+        winning_run(results([baseline, batching, workers, reference]))
+
+
+@pytest.mark.parametrize(
+    ("config", "written"),
+    [
+        (
+            SERVED.replace(max_batch_size=64, workers_per_device=2, backend="onnxruntime", fast_decode=False),
+            {"model", "random_weights", "max_batch_size", "workers_per_device", "backend", "fast_decode"},
+        ),
+        (  # the built-in model: no `model` to write
+            ServeConfig(timeout=2.5, cache_dir=Path("/tmp/artifacts"), labels=Path("labels.txt")),
+            {"random_weights", "labels", "timeout", "cache_dir"},
+        ),
+    ],
+)
+def test_the_written_config_is_what_serve_loads(tmp_path, config, written):
+    path = tmp_path / "serve.toml"
+    assert write_winner(results([served("decode", config, [level(8, 10.0)])]), path) == "decode"
+    ctx = serve.make_context("serve", ["--config", str(path)])
+    loaded = _serve_config(ctx, path, {name: value for name, value in ctx.params.items() if name != "config_file"})
+    assert loaded == config
+    assert set(tomllib.loads(path.read_text())) == written  # model settings always; other defaults never
+
+
+def test_write_config_is_a_bench_option_and_needs_a_ladder(tmp_path):
+    path = tmp_path / "serve.toml"
+    assert bench_config("--write-config", str(path)).write_config == path
+    with pytest.raises(ConfigError, match="--write-config needs a ladder"):
+        bench_config("--write-config", str(path), "--url", "http://127.0.0.1:8000")
+
+
+def bench_config(*args: str) -> BenchConfig:
+    """What `timmserve bench ARGS` would run."""
+    ctx = bench.make_context("bench", list(args))
+    settings = {k: v for k, v in ctx.params.items() if k not in ("config_file", "knobs", "quick", "no_progress")}
+    return _bench_config(ctx, None, (), False, settings)
