@@ -188,7 +188,7 @@ def test_bench_settings_are_validated_like_serve_settings(tmp_path):
 
     config = BenchConfig.from_mapping({"concurrency": [2, 4], "rates": [5], "images": str(tmp_path)})
     assert config.concurrency == (2, 4) and config.rates == (5.0,) and config.images == tmp_path
-    assert BenchConfig.from_mapping(QUICK).ladder == ("baseline", "best")
+    assert BenchConfig.from_mapping(QUICK).ladder == ("baseline", "best", "default")
     for values, message in [
         ({"concurrency": [0, 8]}, "concurrency must be a list, each an integer > 0 (got [0, 8])"),
         ({"concurrency": [1.5]}, "concurrency must be a list, each an integer > 0 (got [1.5])"),

@@ -10,14 +10,24 @@ from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_v
 from timmserve.config import ServeConfig
 from timmserve.settings import AnyPath, ListOf, Settings, check, setting
 
-LADDER: tuple[str, ...] = ("baseline", "batching", "workers", "precision", "backend", "decode", "best")
+LADDER: tuple[str, ...] = (
+    "baseline",
+    "batching",
+    "workers",
+    "precision",
+    "backend",
+    "decode",
+    "reference",
+    "best",
+    "default",
+)
 # The serve settings that say which model a bench run serves: bench options too, and always in a
 # config that `--write-config` writes.
 MODEL_SETTINGS = ("model", "checkpoint", "random_weights", "labels")
 
 # `--quick`, in place of the defaults below: about two minutes, baseline against best, short timings.
 QUICK: dict[str, Any] = {
-    "ladder": ("baseline", "best"),
+    "ladder": ("baseline", "best", "default"),
     "concurrency": (1, 8),
     "duration": 2.0,
     "warmup": 1.0,

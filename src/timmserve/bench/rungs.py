@@ -29,7 +29,9 @@ BASELINE = "baseline"
 BEST = "best"
 RAY = "ray"
 REFERENCE = "reference"
-SIDE_RUNGS = (RAY, REFERENCE)  # another server for the rungs before them: not cumulative, never in best
+DEFAULT = "default"
+# Not cumulative, never in best: another server for the rungs before them, or serve's own defaults.
+SIDE_RUNGS = (RAY, REFERENCE, DEFAULT)
 
 
 def built_in_rungs(accelerator: str) -> dict[str, dict[str, Any]]:
@@ -57,6 +59,9 @@ def built_in_rungs(accelerator: str) -> dict[str, dict[str, Any]]:
         # The naive server: the model called in the request handler, one image per call; the
         # workers, backend, precision and threads of the rungs before it. Never part of `best`.
         REFERENCE: {"max_batch_size": 1},
+        # `timmserve serve` as it comes: the shared settings only, everything else the machine rule
+        # and `auto` decide (startup.resolve_machine, classifier.resolve_auto). Never part of `best`.
+        DEFAULT: {},
     }
 
 
@@ -102,6 +107,8 @@ class Ladder:
             if self.best_knobs is None:
                 raise RuntimeError("best is decided after the first round's other rungs")
             return self.base.replace(**self.best_knobs)
+        if name == DEFAULT:
+            return self.base.replace(**self.rungs[DEFAULT])
         knobs = dict(self.rungs[BASELINE])  # the starting point, even when not in the ladder
         for rung in (n for n in self.names if n != BEST):
             if rung == name or rung not in SIDE_RUNGS:

@@ -32,7 +32,7 @@ from timmserve.classifier import Classifier, build_classifier, resolve_auto
 from timmserve.config import ServeConfig
 from timmserve.model import load_model
 from timmserve.photos import reference_photos
-from timmserve.startup import resolve_machine
+from timmserve.startup import prepare, resolve_machine
 
 
 @dataclass
@@ -99,7 +99,7 @@ class Runner:
         """One round against the server already running at `config.url`; the ceilings of
         `config.serve` around it when `measure_ceiling` (the model is known). Raises ModelLoadError
         for a model that does not load here."""
-        serve = self.config.serve
+        serve = prepare(self.config.serve).config if measure_ceiling else self.config.serve
         before = self._ceilings(serve) if measure_ceiling else None
         levels = self._levels("url", self.config.url.rstrip("/"), None)
         after = self._ceilings(serve, best_of=before) if measure_ceiling else None
@@ -121,6 +121,7 @@ class Runner:
         return chosen
 
     def _run_rung(self, name: str, serve: ServeConfig, round_index: int) -> dict[str, Any]:
+        serve = prepare(serve).config  # what the rung's server will run: the machine rule and auto resolved
         before = self._ceilings(serve)
         self.log(f"  {name} r{round_index + 1} ceilings: {_describe_ceilings(before)}")
         program = REFERENCE_SERVER if name == REFERENCE else SERVE
