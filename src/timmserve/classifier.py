@@ -30,7 +30,7 @@ from timmserve.backends import (
 )
 from timmserve.config import ServeConfig
 from timmserve.errors import InternalError, ModelLoadError, RequestError
-from timmserve.machine import device_name
+from timmserve.machine import device_name, resolve_machine
 from timmserve.model import LoadedModel, ModelInfo, load_model
 from timmserve.payload import ImageRequest, Prediction
 from timmserve.photos import reference_photos
@@ -131,7 +131,11 @@ class Classifier:
 
 def build_classifier(config: ServeConfig, labels: Sequence[str], device: torch.device) -> tuple[Classifier, ModelInfo]:
     """The configured model on `device`, ready to classify: what each server worker runs, and what
-    the benchmark's ceilings measure. Backends use the calling thread's torch thread count."""
+    the benchmark's ceilings measure. What the config leaves to the machine is resolved first
+    (machine.resolve_machine; `auto` by classifier.resolve_auto). Backends use the calling
+    thread's torch thread count. Raises ModelLoadError for a model, weights or labels that do not
+    load, or a backend that cannot run here."""
+    config = resolve_machine(config)
     loaded = load_model(config)
     if loaded.info.num_classes != len(labels):
         raise ModelLoadError(f"the model has {loaded.info.num_classes} classes but {len(labels)} labels were given")
@@ -206,7 +210,7 @@ def prepare_backend(config: ServeConfig, loaded: LoadedModel, device: torch.devi
     """Run once in the main process, before any worker starts: resolve `auto` (backend and
     precision) and export the backend's artifact into the cache (and prove it runs), so every
     worker only loads it; the config returned names what the workers build. `auto` is timed with
-    the workers' own thread count (`config.torch_threads`, resolved by startup.resolve_machine)."""
+    the workers' own thread count (`config.torch_threads`, resolved by machine.resolve_machine)."""
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)  # measure as a worker runs
     if "auto" in (config.backend, config.precision):
@@ -218,7 +222,7 @@ def prepare_backend(config: ServeConfig, loaded: LoadedModel, device: torch.devi
 
 def start_worker_classifier(config: ServeConfig, labels: Sequence[str], device: torch.device) -> Classifier:
     """What a server worker (LitServe) or replica (Ray) runs at start-up: its share of the cores as
-    intra-op threads (`config.torch_threads`, resolved once by startup.resolve_machine), the model
+    intra-op threads (`config.torch_threads`, resolved once by machine.resolve_machine), the model
     loaded, warm-up calls at the batch sizes it will see."""
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)

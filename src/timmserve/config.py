@@ -204,7 +204,7 @@ class ServeConfig(Settings):
 
     def worker_count(self) -> int:
         """Inference workers (LitServe) or replicas (Ray) in all: workers per device × devices. On a
-        config resolved for the machine (startup.resolve_machine) only."""
+        config resolved for the machine (machine.resolve_machine) only."""
         assert self.workers_per_device is not None and self.devices is not None, "resolve the config first"
         return self.workers_per_device * self.devices
 

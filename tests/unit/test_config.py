@@ -6,7 +6,7 @@ import pytest
 
 from timmserve.config import ServeConfig, read_config_file
 from timmserve.errors import ConfigError, ModelLoadError
-from timmserve.startup import resolve_machine
+from timmserve.machine import resolve_machine
 
 
 @pytest.mark.parametrize(
@@ -42,7 +42,7 @@ def test_from_mapping_accepts_dashes_and_rejects_unknown_keys():
 
 
 def test_the_machine_is_resolved_once_threads_shared_between_all_workers(monkeypatch):
-    monkeypatch.setattr("timmserve.startup.usable_cores", lambda: 8)
+    monkeypatch.setattr("timmserve.machine.usable_cores", lambda: 8)
     resolved = resolve_machine(ServeConfig(accelerator="cpu", workers_per_device=2))
     assert (resolved.accelerator, resolved.devices, resolved.torch_threads) == ("cpu", 1, 4)
     assert resolve_machine(ServeConfig(accelerator="cpu", workers_per_device=16)).torch_threads == 1
@@ -56,10 +56,10 @@ def test_the_machine_is_resolved_once_threads_shared_between_all_workers(monkeyp
 def test_the_machine_rule_fills_what_the_config_leaves_unset(monkeypatch):
     """CPU: one single-threaded worker per usable core (at most 8), batches of 16, one decode
     thread; CUDA: two workers per device, batches of 64, four decode threads; a pinned value stays."""
-    monkeypatch.setattr("timmserve.startup.usable_cores", lambda: 4)
+    monkeypatch.setattr("timmserve.machine.usable_cores", lambda: 4)
     cpu = resolve_machine(ServeConfig(accelerator="cpu"))
     assert (cpu.workers_per_device, cpu.torch_threads, cpu.max_batch_size, cpu.decode_threads) == (4, 1, 16, 1)
-    monkeypatch.setattr("timmserve.startup.usable_cores", lambda: 32)
+    monkeypatch.setattr("timmserve.machine.usable_cores", lambda: 32)
     assert resolve_machine(ServeConfig(accelerator="cpu")).workers_per_device == 8
     pinned = resolve_machine(ServeConfig(accelerator="cpu", workers_per_device=1, max_batch_size=1, decode_threads=3))
     assert (pinned.workers_per_device, pinned.torch_threads, pinned.max_batch_size, pinned.decode_threads) == (

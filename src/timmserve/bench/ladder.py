@@ -17,8 +17,8 @@ from timmserve.bench.machine import environment
 from timmserve.bench.runner import Runner
 from timmserve.errors import ConfigError
 from timmserve.labels import load_labels
+from timmserve.machine import resolve_accelerator
 from timmserve.model import ModelInfo, load_model
-from timmserve.startup import resolve_accelerator
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 

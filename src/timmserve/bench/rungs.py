@@ -60,7 +60,7 @@ def built_in_rungs(accelerator: str) -> dict[str, dict[str, Any]]:
         # workers, backend, precision and threads of the rungs before it. Never part of `best`.
         REFERENCE: {"max_batch_size": 1},
         # `timmserve serve` as it comes: the shared settings only, everything else the machine rule
-        # and `auto` decide (startup.resolve_machine, classifier.resolve_auto). Never part of `best`.
+        # and `auto` decide (machine.resolve_machine, classifier.resolve_auto). Never part of `best`.
         DEFAULT: {},
     }
 

@@ -21,6 +21,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
+from timmserve import machine
 from timmserve.backends import agreement, probability_tolerance
 from timmserve.bench.ceiling import measure_ceilings
 from timmserve.bench.config import BenchConfig
@@ -32,7 +33,7 @@ from timmserve.classifier import Classifier, build_classifier, resolve_auto
 from timmserve.config import ServeConfig
 from timmserve.model import load_model
 from timmserve.photos import reference_photos
-from timmserve.startup import prepare, resolve_machine
+from timmserve.startup import prepare
 
 
 @dataclass
@@ -99,7 +100,7 @@ class Runner:
         """One round against the server already running at `config.url`; the ceilings of
         `config.serve` around it when `measure_ceiling` (the model is known). Raises ModelLoadError
         for a model that does not load here."""
-        serve = prepare(self.config.serve).config if measure_ceiling else self.config.serve
+        serve = _as_served(self.config.serve) if measure_ceiling else self.config.serve
         before = self._ceilings(serve) if measure_ceiling else None
         levels = self._levels("url", self.config.url.rstrip("/"), None)
         after = self._ceilings(serve, best_of=before) if measure_ceiling else None
@@ -115,13 +116,13 @@ class Runner:
             ladder.rungs[name]["backend"] = self._pick_backend(name, ladder.config(name))
 
     def _pick_backend(self, name: str, serve: ServeConfig) -> str:
-        torch.set_num_threads(resolve_machine(serve).torch_threads)  # as the rung's workers will run
+        torch.set_num_threads(machine.resolve_machine(serve).torch_threads)  # as the rung's workers will run
         chosen = resolve_auto(serve, load_model(serve), self.device).backend
         self.log(f"rung {name}: --backend auto chose {chosen}")
         return chosen
 
     def _run_rung(self, name: str, serve: ServeConfig, round_index: int) -> dict[str, Any]:
-        serve = prepare(serve).config  # what the rung's server will run: the machine rule and auto resolved
+        serve = _as_served(serve)
         before = self._ceilings(serve)
         self.log(f"  {name} r{round_index + 1} ceilings: {_describe_ceilings(before)}")
         program = REFERENCE_SERVER if name == REFERENCE else SERVE
@@ -250,6 +251,14 @@ def _describe_ceilings(ceilings: dict[str, Any]) -> str:
     guard = ceilings["accuracy"]
     parts.append(f"accuracy guard {'ok' if guard['ok'] else 'FAILED'} (top-1 {guard['top1_agree']}/{guard['images']})")
     return ", ".join(parts)
+
+
+def _as_served(serve: ServeConfig) -> ServeConfig:
+    """The rung's config with what its server resolves at start made explicit (the machine rule,
+    and `auto` decided with the workers' threads), so its ceilings and guard measure the backend,
+    precision and batch sizes it serves with; but its threads as given, so the ceilings have the
+    whole machine unless the rung pins them."""
+    return prepare(serve).config.replace(torch_threads=serve.torch_threads)
 
 
 def _peak(levels: list[dict[str, Any]]) -> float:
