@@ -106,6 +106,11 @@ class WorkerLostError(UnavailableError):
 class AnswerTimeoutError(RequestError):
     status_code = 504
 
+    @classmethod
+    def after(cls, timeout: float) -> AnswerTimeoutError:
+        """The answer when the server's request timeout (`--timeout`, seconds) ran out."""
+        return cls(f"no answer within the server's request timeout of {timeout:g} s")
+
 
 class ClientGoneError(RequestError):
     status_code = 499  # nginx's "client closed request": only ever seen in logs and metrics

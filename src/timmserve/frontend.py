@@ -87,7 +87,7 @@ class QueueFrontend(LitSpec):
             while not slot.event.is_set():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise AnswerTimeoutError(f"no answer within the server's request timeout of {self.timeout:g} s")
+                    raise AnswerTimeoutError.after(self.timeout)
                 try:
                     await asyncio.wait_for(slot.event.wait(), min(remaining, WATCH_INTERVAL))
                 except asyncio.TimeoutError:
