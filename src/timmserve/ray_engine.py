@@ -211,12 +211,15 @@ class ClassifierReplica:
         in_flight = metrics.load_metrics().in_flight
         in_flight.inc(len(received))
         try:
-            answers = asyncio.gather(*(self.classify_batch(item) for item in received))
-            return list(await asyncio.wait_for(answers, self.prepared.config.timeout))
+            return await asyncio.wait_for(self._through_batcher(received), self.prepared.config.timeout)
         except asyncio.TimeoutError:
             raise AnswerTimeoutError.after(self.prepared.config.timeout) from None
         finally:
             in_flight.dec(len(received))
+
+    async def _through_batcher(self, received: list[ReceivedImage]) -> list[Result]:
+        # A task of its own (wait_for's), which takes gather's outcome even when cancelled.
+        return list(await asyncio.gather(*(self.classify_batch(item) for item in received)))
 
     @serve.batch
     async def classify_batch(self, batch: list[ReceivedImage]) -> list[Result]:
