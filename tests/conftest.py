@@ -12,6 +12,10 @@ from timmserve.bench.process import ServerProcess, free_port  # noqa: F401  (fre
 DATA = Path(__file__).parent / "data"
 
 # ImageNet-1k indices 281..285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
+# Tests of queueing mechanics pin what they assume (the default is the fastest configuration the
+# machine has): one worker, eager fp32, the slowest backend.
+ONE_SLOW_WORKER = ("--workers-per-device", "1", "--backend", "eager", "--precision", "fp32")
+
 CAT_LABELS = {"tabby, tabby cat", "tiger cat", "Persian cat", "Siamese cat, Siamese", "Egyptian cat"}
 
 

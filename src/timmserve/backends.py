@@ -16,7 +16,9 @@ sees half a file. Nothing in the cache is a pickle.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -24,21 +26,16 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from timmserve.errors import ModelLoadError
+from timmserve.machine import cpu_features, device_name, native_reduced_precision
 
 logger = logging.getLogger(__name__)
 
-BACKENDS: tuple[str, ...] = ("eager", "compile", "onnxruntime", "openvino")
-# The package each optional backend needs, and the extra that installs it.
-_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
-# `auto` leaves out `compile`: minutes of compilation in every worker on every start.
-AUTO_CANDIDATES: tuple[str, ...] = ("eager", "onnxruntime", "openvino")
 AUTO_TIMING_SLICES = 4  # round-robin slices per candidate when `auto` times them
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -58,44 +55,60 @@ class BackendSpec:
     cache_dir: Path
 
 
-def is_installed(backend: str) -> bool:
-    return backend not in _PACKAGES or importlib.util.find_spec(_PACKAGES[backend][0]) is not None
+@dataclass(frozen=True)
+class BackendKind:
+    """One entry of the registry (`BACKENDS`): how a backend is built and where it can run."""
+
+    name: str
+    build: Callable[[torch.nn.Module, BackendSpec], Backend]
+    devices: tuple[str, ...]  # device types it runs on
+    precisions: tuple[str, ...]  # precisions it runs (fp16 needs CUDA whatever the backend)
+    package: str | None = None  # the module it imports beyond torch; None: torch alone
+    extra: str | None = None  # the pip extra of timmserve that installs `package`
+    in_auto: bool = True  # a candidate of `--backend auto`
+    exports: bool = False  # converts the model to an artifact first (conversion can fail per model)
+    # Checks of this machine's libraries or CPU that the fields above cannot say; raise ModelLoadError.
+    check_machine: Callable[[torch.device, str], None] | None = None
+
+    def installed(self) -> bool:
+        return self.package is None or importlib.util.find_spec(self.package) is not None
 
 
-def check_backend(backend: str, device: torch.device, precision: str) -> None:
-    """Fail with one clear message where the backend cannot run here at this precision."""
-    if not is_installed(backend):
-        package, extra = _PACKAGES[backend]
-        raise ModelLoadError(f"--backend {backend} needs {package}: pip install 'timmserve[{extra}]'")
-    if backend == "openvino" and device.type != "cpu":
-        raise ModelLoadError("--backend openvino runs on the CPU; on CUDA use eager, compile or onnxruntime")
-    if backend == "openvino" and precision == "bf16" and "BF16" not in openvino_capabilities():
-        raise ModelLoadError(
-            "this CPU has no native bf16 for OpenVINO (needs AVX-512 BF16 or AMX); use --precision fp32"
-        )
-    if backend == "onnxruntime" and precision == "bf16":
-        raise ModelLoadError("--backend onnxruntime runs fp32 (fp16 on CUDA); for bf16 use eager or openvino")
-    if backend == "onnxruntime" and device.type == "cuda":
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers():  # before minutes of export
-            raise ModelLoadError("this onnxruntime has no CUDA provider: pip install 'timmserve[tensorrt]'")
+def check_supported(name: str, device: torch.device, precision: str) -> None:
+    """The one place the support rules live (precision × backend × device); raises ModelLoadError
+    with one line that names the fix. "auto" for either checks only what is pinned (auto then
+    measures the candidates that pass the rest)."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ModelLoadError("fp16 needs a CUDA device; on CPU use bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError(f"{torch.cuda.get_device_name(device)} does not support bf16; use fp16")
+    if name == "auto":
+        return
+    kind = BACKENDS[name]
+    if not kind.installed():
+        raise ModelLoadError(f"--backend {name} needs {kind.package}: pip install 'timmserve[{kind.extra}]'")
+    if device.type not in kind.devices:
+        others = ", ".join(n for n, k in BACKENDS.items() if device.type in k.devices)
+        raise ModelLoadError(f"--backend {name} runs on {' or '.join(kind.devices)}; on {device.type} use {others}")
+    if precision != "auto" and precision not in kind.precisions:
+        others = ", ".join(n for n, k in BACKENDS.items() if precision in k.precisions)
+        raise ModelLoadError(f"--backend {name} runs {' or '.join(kind.precisions)}; for {precision} use {others}")
+    if kind.check_machine is not None:
+        kind.check_machine(device, precision)
 
 
 def create_backend(name: str, model: torch.nn.Module, spec: BackendSpec) -> Backend:
-    """The model as a callable for one backend; exported artifacts come from (or go to) the cache."""
-    check_backend(name, spec.device, spec.precision)
+    """The model as a callable for one backend; exported artifacts come from (or go to) the cache.
+    Raises ModelLoadError where the backend cannot run here or cannot convert the model."""
+    check_supported(name, spec.device, spec.precision)
+    kind = BACKENDS[name]
     model = model.to(spec.device).eval()
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if name == "eager":
-        return _EagerBackend(model, spec)
-    if name == "compile":
-        return _CompiledBackend(model, spec)
+    if not kind.exports:
+        return kind.build(model, spec)
     try:
-        if name == "onnxruntime":
-            return _OnnxRuntimeBackend(model, spec)
-        return _OpenVinoBackend(model, spec)
+        return kind.build(model, spec)
     except ModelLoadError:
         raise
     except Exception as exc:  # an operator the exporter or converter does not support, …
@@ -226,10 +239,47 @@ def _convert_openvino(model: torch.nn.Module, spec: BackendSpec, target: Path) -
     assert bin_path.exists()
 
 
+def _check_openvino_machine(device: torch.device, precision: str) -> None:
+    if precision == "bf16" and "BF16" not in openvino_capabilities():
+        raise ModelLoadError(
+            "this CPU has no native bf16 for OpenVINO (needs AVX-512 BF16 or AMX); use --precision fp32"
+        )
+
+
+def _check_onnxruntime_machine(device: torch.device, precision: str) -> None:
+    if device.type == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():  # before minutes of export
+            raise ModelLoadError("this onnxruntime has no CUDA provider: pip install 'timmserve[tensorrt]'")
+
+
 def openvino_capabilities() -> list[str]:
     import openvino as ov
 
     return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+# The registry: every backend by name (config.Backend lists the same names, plus "auto").
+BACKENDS: dict[str, BackendKind] = {
+    kind.name: kind
+    for kind in (
+        BackendKind("eager", _EagerBackend, devices=("cpu", "cuda"), precisions=("fp32", "fp16", "bf16")),
+        # Not in `auto`: minutes of compilation in every worker on every start.
+        BackendKind(
+            "compile", _CompiledBackend, devices=("cpu", "cuda"), precisions=("fp32", "fp16", "bf16"), in_auto=False
+        ),
+        BackendKind(
+            "onnxruntime", _OnnxRuntimeBackend, devices=("cpu", "cuda"), precisions=("fp32", "fp16"),
+            package="onnxruntime", extra="onnxruntime", exports=True, check_machine=_check_onnxruntime_machine,
+        ),
+        BackendKind(
+            "openvino", _OpenVinoBackend, devices=("cpu",), precisions=("fp32", "bf16"),
+            package="openvino", extra="openvino", exports=True, check_machine=_check_openvino_machine,
+        ),
+    )
+}  # fmt: skip
+AUTO_CANDIDATES: tuple[str, ...] = tuple(name for name, kind in BACKENDS.items() if kind.in_auto)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -247,7 +297,7 @@ def cached_artifact(
     """The artifact's path in the cache, exported first when missing. The export writes into a
     private temporary folder; its files are renamed into place (the `suffix` file last), so a
     concurrent reader sees either nothing or complete files."""
-    library = version(_PACKAGES[backend][0])
+    library = _library_version(BACKENDS[backend].package or "torch")
     key_text = "|".join(
         [weights_fingerprint(model), backend, library, torch.__version__, spec.precision, spec.device.type]
         + [str(d) for d in spec.input_size]
@@ -266,6 +316,48 @@ def cached_artifact(
             os.replace(file, spec.cache_dir / file.name)
     logger.info("Exported the model for %s in %.1f s → %s", backend, time.perf_counter() - started, path)
     return path
+
+
+def decision_key(model: torch.nn.Module, spec: BackendSpec, candidates: Sequence[tuple[str, str]]) -> str:
+    """What an `auto` decision depends on, hashed: the weights, the machine (device name, CPU
+    instruction sets), the libraries' versions, the threads, batch size (`timing_batch_size`),
+    memory format and input shape it was timed with, and the candidates."""
+    libraries = [
+        f"{kind.package}={_library_version(kind.package)}"
+        for kind in BACKENDS.values()
+        if kind.package is not None and kind.installed()
+    ]
+    parts = [
+        weights_fingerprint(model),
+        device_name(spec.device),
+        ",".join(cpu_features()),
+        f"torch={torch.__version__}",
+        *libraries,
+        f"threads={spec.threads}",
+        f"batch={timing_batch_size(spec)}",
+        f"channels_last={spec.channels_last}",
+        "x".join(map(str, spec.input_size)),
+        *(f"{name}:{precision}" for name, precision in candidates),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def timing_batch_size(spec: BackendSpec) -> int:
+    """The batch size `auto` times candidates at: what a busy server mostly runs, at most 8."""
+    return min(8, spec.max_batch_size)
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """Write a small cache file under a temporary name, then rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".", delete=False) as staged:
+        staged.write(content)
+    os.replace(staged.name, path)
+
+
+def _library_version(package: str) -> str:
+    # The module's own version: the onnxruntime-gpu distribution installs the same module.
+    return importlib.import_module(package).__version__
 
 
 @dataclass(frozen=True)
@@ -316,47 +408,69 @@ def agreement(reference_logits: torch.Tensor, logits: torch.Tensor, tolerance: f
 @dataclass(frozen=True)
 class BackendTrial:
     name: str
+    precision: str
     img_per_s: float | None  # None: could not run here
     agreement: Agreement | None
     error: str | None = None
 
+    def as_dict(self) -> dict[str, Any]:
+        agreed = self.agreement.as_dict() if self.agreement is not None else None
+        return {"backend": self.name, "precision": self.precision, "img_per_s": self.img_per_s,
+                "agreement": agreed, "error": self.error}  # fmt: skip
+
+
+def auto_candidates(backend: str, precision: str, device: torch.device) -> list[tuple[str, str]]:
+    """The (backend, precision) pairs `auto` measures: every `auto` backend where `backend` is
+    "auto", and fp32 plus the device's native reduced precision (machine.native_reduced_precision)
+    where `precision` is "auto"; a pinned value is the only candidate of its kind."""
+    names = AUTO_CANDIDATES if backend == "auto" else (backend,)
+    reduced = native_reduced_precision(device)
+    precisions = (precision,) if precision != "auto" else ("fp32", reduced) if reduced else ("fp32",)
+    return [(name, p) for name in names for p in precisions]
+
 
 def choose_backend(
-    model: torch.nn.Module, spec: BackendSpec, inputs: torch.Tensor, *, seconds: float = 1.0
-) -> tuple[str, list[BackendTrial]]:
-    """`auto`: build every installed candidate, check its answers on `inputs` (normalised photos)
-    against eager fp32, time it at the batch size the server will mostly see, keep the fastest that
-    agrees. The timing interleaves the candidates in short slices (each keeps its best slice), so a
-    machine whose speed drifts favours none of them. Eager always qualifies: there is an answer."""
+    model: torch.nn.Module,
+    spec: BackendSpec,
+    inputs: torch.Tensor,
+    candidates: Sequence[tuple[str, str]],
+    *,
+    seconds: float = 1.0,
+) -> tuple[BackendTrial, list[BackendTrial]]:
+    """`auto`: build every candidate (backend, precision), check its answers on `inputs`
+    (normalised photos) against eager fp32 within that precision's tolerance, time it at the batch
+    size the server will mostly see, keep the fastest that agrees. The timing interleaves the
+    candidates in short slices (each keeps its best slice), so a machine whose speed drifts favours
+    none of them. Returns (the chosen trial, every trial); raises ModelLoadError when none runs and
+    agrees."""
     with torch.inference_mode():
         reference = model.float().eval()(inputs.to(torch.float32)).float()
-    batch_size = min(8, spec.max_batch_size)
+    batch_size = timing_batch_size(spec)
     timing_batch = inputs[torch.arange(batch_size) % inputs.shape[0]].to(spec.device)
-    built: dict[str, tuple[Backend, Agreement]] = {}
-    errors: dict[str, str] = {}
-    for name in AUTO_CANDIDATES:
+    built: dict[tuple[str, str], tuple[Backend, Agreement]] = {}
+    errors: dict[tuple[str, str], str] = {}
+    for name, precision in candidates:
         try:
-            backend = create_backend(name, model, spec)
+            backend = create_backend(name, model, dataclasses.replace(spec, precision=precision))
         except ModelLoadError as exc:
-            errors[name] = str(exc)
+            errors[name, precision] = str(exc)
             continue
-        built[name] = (
-            backend,
-            agreement(reference, backend(inputs.to(spec.device)).cpu(), probability_tolerance(spec.precision)),
-        )
-    rates = {name: 0.0 for name in built}
+        logits = backend(inputs.to(spec.device)).cpu()
+        built[name, precision] = (backend, agreement(reference, logits, probability_tolerance(precision)))
+    rates = dict.fromkeys(built, 0.0)
     for _ in range(AUTO_TIMING_SLICES):
-        for name, (backend, _agreed) in built.items():
-            rates[name] = max(rates[name], _images_per_second(backend, timing_batch, seconds / AUTO_TIMING_SLICES))
+        for key, (backend, _agreed) in built.items():
+            rates[key] = max(rates[key], _images_per_second(backend, timing_batch, seconds / AUTO_TIMING_SLICES))
     trials = [
-        BackendTrial(name, rates[name], built[name][1])
-        if name in built
-        else BackendTrial(name, None, None, errors[name])
-        for name in AUTO_CANDIDATES
+        BackendTrial(name, precision, rates[name, precision], built[name, precision][1])
+        if (name, precision) in built
+        else BackendTrial(name, precision, None, None, errors[name, precision])
+        for name, precision in candidates
     ]
     usable = [t for t in trials if t.img_per_s is not None and t.agreement is not None and t.agreement.ok]
-    best = max(usable, key=lambda t: t.img_per_s or 0.0) if usable else BackendTrial("eager", None, None)
-    return best.name, trials
+    if not usable:
+        raise ModelLoadError(f"no candidate backend runs here and agrees with eager fp32: {describe_trials(trials)}")
+    return max(usable, key=lambda t: t.img_per_s or 0.0), trials
 
 
 def _images_per_second(backend: Backend, batch: torch.Tensor, seconds: float) -> float:
@@ -372,11 +486,12 @@ def describe_trials(trials: Sequence[BackendTrial]) -> str:
     """One line per trial for the start-up log."""
     lines = []
     for trial in trials:
+        label = f"{trial.name} {trial.precision}"
         if trial.img_per_s is None:
-            lines.append(f"{trial.name}: not available ({trial.error})")
+            lines.append(f"{label}: not available ({trial.error})")
         else:
             agreed = trial.agreement
             verdict = "agrees" if agreed and agreed.ok else "DISAGREES"
             detail = f"top-1 {agreed.top1_agree}/{agreed.images}, max Δp {agreed.max_prob_diff:.1e}" if agreed else ""
-            lines.append(f"{trial.name}: {trial.img_per_s:.1f} img/s, {verdict} with eager fp32 ({detail})")
+            lines.append(f"{label}: {trial.img_per_s:.1f} img/s, {verdict} with eager fp32 ({detail})")
     return "; ".join(lines)

@@ -10,16 +10,28 @@ back as values in their own slots.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from timmserve.backends import Backend, BackendSpec, choose_backend, create_backend, describe_trials
+from timmserve.backends import (
+    Backend,
+    BackendSpec,
+    auto_candidates,
+    choose_backend,
+    create_backend,
+    decision_key,
+    describe_trials,
+    write_atomically,
+)
 from timmserve.config import ServeConfig
-from timmserve.errors import ModelLoadError, RequestError
-from timmserve.model import LoadedModel, ModelInfo, check_precision_supported, load_model
+from timmserve.errors import InternalError, ModelLoadError, RequestError
+from timmserve.machine import device_name
+from timmserve.model import LoadedModel, ModelInfo, load_model
 from timmserve.payload import ImageRequest, Prediction
 from timmserve.photos import reference_photos
 from timmserve.preprocess import Normalizer, Preprocessor
@@ -30,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 
 class Classifier:
+    """The batch function: encoded images in, one result per image out (see the module's doc).
+    Holds the backend, the preprocessor, the labels and a decode thread pool (`close` it)."""
+
     def __init__(
         self,
         backend: Backend,
@@ -51,7 +66,9 @@ class Classifier:
         )
 
     def classify(self, requests: Sequence[ImageRequest]) -> list[Result]:
-        """One result per request, in order."""
+        """One result per request, in order: its top-k predictions (descending probability), or
+        the RequestError that is that image's answer. Raises only when the model call itself fails
+        (that fails the whole batch: a bug, or the device)."""
         results: list[Result | torch.Tensor] = list(self._map(self._preprocess, requests))
         good = [i for i, item in enumerate(results) if isinstance(item, torch.Tensor)]
         if good:
@@ -90,14 +107,21 @@ class Classifier:
             self.probabilities(torch.zeros(batch_size, channels, height, width, dtype=torch.uint8))
 
     def close(self) -> None:
+        """Stop the decode threads (the bench builds and drops classifiers; a worker keeps its own)."""
         if self._decode_pool is not None:
             self._decode_pool.shutdown(wait=False)
 
     def _preprocess(self, request: ImageRequest) -> torch.Tensor | RequestError:
+        """The image's uint8 tensor, or the error that is this image's own answer: whatever goes
+        wrong with one image (even an error nobody anticipated, or running out of memory) must
+        not fail the images batched with it."""
         try:
             return self.preprocessor(request.data)
         except RequestError as error:
             return error
+        except Exception:  # a bug or a resource failure on this image alone: a 500 for it only
+            logger.exception("preprocessing an image failed")
+            return InternalError("the server failed while reading this image; the server log has the traceback")
 
     def _map(self, fn, items):  # noqa: ANN001, ANN202 - thin wrapper over Executor.map
         if self._decode_pool is None or len(items) < 2:
@@ -108,15 +132,19 @@ class Classifier:
 def build_classifier(config: ServeConfig, labels: Sequence[str], device: torch.device) -> tuple[Classifier, ModelInfo]:
     """The configured model on `device`, ready to classify: what each server worker runs, and what
     the benchmark's ceilings measure. Backends use the calling thread's torch thread count."""
-    check_precision_supported(device, config.precision)
     loaded = load_model(config)
     if loaded.info.num_classes != len(labels):
         raise ModelLoadError(f"the model has {loaded.info.num_classes} classes but {len(labels)} labels were given")
     preprocessor = Preprocessor(
-        loaded.info.data_config, max_pixels=config.max_image_pixels, fast_decode=config.fast_decode
+        loaded.info.data_config,
+        max_pixels=config.max_image_pixels,
+        max_aspect_ratio=config.max_aspect_ratio,
+        fast_decode=config.fast_decode,
     )
     spec = backend_spec(config, loaded.info, device)
-    name = resolve_backend(config, loaded, device) if config.backend == "auto" else config.backend
+    if "auto" in (config.backend, config.precision):
+        config = resolve_auto(config, loaded, device)
+    name = config.backend
     classifier = Classifier(
         create_backend(name, loaded.model, spec),
         preprocessor,
@@ -140,29 +168,51 @@ def backend_spec(config: ServeConfig, info: ModelInfo, device: torch.device) -> 
     )
 
 
-def resolve_backend(config: ServeConfig, loaded: LoadedModel, device: torch.device) -> str:
-    """`--backend auto`: the fastest installed backend on this machine whose answers on the
-    reference photos agree with eager fp32 (see backends.choose_backend); logged with the trials."""
-    preprocessor = Preprocessor(loaded.info.data_config, max_pixels=config.max_image_pixels)
-    photos = torch.stack([preprocessor(data) for data in reference_photos().values()])
-    inputs = Normalizer(loaded.info.data_config, torch.device("cpu"))(photos)
-    name, trials = choose_backend(loaded.model, backend_spec(config, loaded.info, device), inputs)
-    logger.info("--backend auto chose %s on %s (%s)", name, device, describe_trials(trials))
-    return name
+def resolve_auto(config: ServeConfig, loaded: LoadedModel, device: torch.device) -> ServeConfig:
+    """`--backend auto` and/or `--precision auto`: the fastest (backend, precision) on this machine
+    whose answers on the reference photos agree with eager fp32 (backends.choose_backend), timed
+    with the calling thread's torch threads (set them as a worker's first). The decision is cached
+    beside the artifacts, keyed by everything it depends on (weights, machine, library versions,
+    threads, batch size), so a second start reuses it. Logged in one line either way. Raises
+    ModelLoadError when no candidate runs and agrees."""
+    candidates = auto_candidates(config.backend, config.precision, device)
+    spec = backend_spec(config.replace(precision="fp32"), loaded.info, device)
+    key = decision_key(loaded.model, spec, candidates)
+    path = config.artifact_cache() / "decisions" / f"{key}.json"
+    try:
+        decision = json.loads(path.read_text())
+        how = f"decided {decision['decided_at']}, cached in {path}"
+    except (OSError, ValueError):
+        preprocessor = Preprocessor(loaded.info.data_config, max_pixels=config.max_image_pixels)
+        photos = torch.stack([preprocessor(data) for data in reference_photos().values()])
+        inputs = Normalizer(loaded.info.data_config, torch.device("cpu"))(photos)
+        chosen, trials = choose_backend(loaded.model, spec, inputs, candidates)
+        decision = {
+            "backend": chosen.name,
+            "precision": chosen.precision,
+            "decided_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "trials": [trial.as_dict() for trial in trials],
+        }
+        write_atomically(path, json.dumps(decision, indent=1).encode())
+        how = describe_trials(trials)
+    logger.info(
+        "auto chose --backend %s --precision %s on %s with %d thread(s) (%s)",
+        decision["backend"], decision["precision"], device_name(device), spec.threads, how,
+    )  # fmt: skip
+    return config.replace(backend=decision["backend"], precision=decision["precision"])
 
 
 def prepare_backend(config: ServeConfig, loaded: LoadedModel, device: torch.device) -> ServeConfig:
-    """Run once in the main process, before any worker starts: resolve `auto` and export the
-    backend's artifact into the cache (and prove it runs), so every worker only loads it; the
-    config returned names the backend the workers build. `auto` is timed with the workers' own
-    thread count (`config.torch_threads`, resolved by startup.resolve_machine)."""
-    if config.backend in ("eager", "compile"):
-        return config
+    """Run once in the main process, before any worker starts: resolve `auto` (backend and
+    precision) and export the backend's artifact into the cache (and prove it runs), so every
+    worker only loads it; the config returned names what the workers build. `auto` is timed with
+    the workers' own thread count (`config.torch_threads`, resolved by startup.resolve_machine)."""
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)  # measure as a worker runs
-    if config.backend == "auto":
-        return config.replace(backend=resolve_backend(config, loaded, device))  # built every candidate
-    create_backend(config.backend, loaded.model, backend_spec(config, loaded.info, device))
+    if "auto" in (config.backend, config.precision):
+        config = resolve_auto(config, loaded, device)
+    if config.backend not in ("eager", "compile"):
+        create_backend(config.backend, loaded.model, backend_spec(config, loaded.info, device))  # from the cache
     return config
 
 

@@ -16,14 +16,12 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from timmserve.bench.config import QUICK, BenchConfig
+from timmserve.bench.config import MODEL_SETTINGS, QUICK, BenchConfig
 from timmserve.client import DEFAULT_URL
 from timmserve.config import ServeConfig, parse_setting, read_api_key, read_config_file
 from timmserve.errors import ConfigError, TimmServeError
 from timmserve.options import options
 
-# The model a bench run serves: these serve options are bench options too.
-MODEL_OPTIONS = ("model", "checkpoint", "random_weights", "labels")
 # BenchConfig's settings that are bench options; the others only a config file sets.
 BENCH_OPTIONS = (
     "concurrency",
@@ -37,6 +35,7 @@ BENCH_OPTIONS = (
     "client_processes",
     "url",
     "out",
+    "write_config",
 )
 
 
@@ -123,7 +122,7 @@ def classify(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="TOML: bench settings at the top, [serve] knobs for every rung, [rungs.NAME] knobs per rung.",
 )
-@options(ServeConfig, MODEL_OPTIONS)
+@options(ServeConfig, MODEL_SETTINGS)
 @options(BenchConfig, BENCH_OPTIONS)
 @click.option(
     "--set",
@@ -149,6 +148,11 @@ def bench(ctx: click.Context, config_file: Path | None, knobs: tuple[str, ...], 
     path = write_results(results, config.out)
     written = render(path)
     click.echo(f"wrote {path} and {', '.join(str(p) for p in written)}")
+    if config.write_config is not None:
+        from timmserve.bench.winner import write_winner
+
+        rung = write_winner(results, config.write_config)
+        click.echo(f"wrote {config.write_config}: rung {rung}, for timmserve serve --config {config.write_config}")
 
 
 def _bench_config(
@@ -159,8 +163,8 @@ def _bench_config(
     model options and --set). Raises ConfigError."""
     file = read_config_file(config_file) if config_file else {}
     serve_table, rungs = file.pop("serve", {}), file.pop("rungs", {})
-    model = {name: value for name, value in settings.items() if name in MODEL_OPTIONS}
-    bench = {name: value for name, value in settings.items() if name not in MODEL_OPTIONS}
+    model = {name: value for name, value in settings.items() if name in MODEL_SETTINGS}
+    bench = {name: value for name, value in settings.items() if name not in MODEL_SETTINGS}
     serve = ServeConfig.from_mapping(_resolve(ctx, model, serve_table, dict(map(_parse_knob, knobs))))
     values = _resolve(ctx, bench, QUICK if quick else {}, file)
     return BenchConfig.from_mapping({**values, "serve": serve, "rung_overrides": rungs})

@@ -25,7 +25,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 Engine = Literal["litserve", "ray"]
 # Inference backends (see backends.py); "auto" measures the installed ones on this machine at start.
 Backend = Literal["eager", "compile", "onnxruntime", "openvino", "auto"]
-Precision = Literal["fp32", "fp16", "bf16"]
+# "auto": fp32 or the device's native reduced precision, whichever is faster and passes the guard.
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Accelerator = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 # LitServe binds only these addresses (LitServer.run checks it).
@@ -61,7 +62,10 @@ class ServeConfig(Settings):
         metavar="FILE",
     )
     precision: Precision = setting(
-        "fp32", "fp32, bf16 (CPU or GPU) or fp16 (CUDA only); reduced precision runs under autocast."
+        "auto",
+        "fp32, bf16 (CPU or GPU) or fp16 (CUDA only), under autocast; auto: fp32 or the device's native "
+        "reduced precision (fp16 on CUDA, bf16 with AVX-512 BF16 or AMX), whichever is faster here and "
+        "agrees with fp32 on the reference photos.",
     )
     channels_last: bool = setting(
         False,
@@ -69,8 +73,9 @@ class ServeConfig(Settings):
         "and on tensor cores.",
     )
     backend: Backend = setting(
-        "eager",
-        "Inference backend; auto measures the installed ones here and keeps the fastest that agrees with eager.",
+        "auto",
+        "Inference backend; auto measures the installed ones here and keeps the fastest that agrees with eager "
+        "(decided once per machine and model, then cached).",
     )
     cache_dir: AnyPath | None = setting(
         None,
@@ -94,11 +99,19 @@ class ServeConfig(Settings):
     # --- devices and workers (Ray: replicas = workers per device × devices) ---
     accelerator: Accelerator = setting("auto", "cpu, cuda, or auto: CUDA where there is a GPU.")
     devices: int | None = setting(None, "Number of devices.", default_text="all of the accelerator's", ge=1)
-    workers_per_device: int = setting(1, "Inference worker processes (Ray: replicas) per device.", ge=1)
+    workers_per_device: int | None = setting(
+        None,
+        "Inference worker processes (Ray: replicas) per device.",
+        default_text="CPU: one per usable core, at most 8; CUDA: 2",
+        ge=1,
+    )
     api_servers: int | None = setting(None, "HTTP server (uvicorn) processes.", default_text="one per worker", ge=1)
     torch_threads: int | None = setting(None, "Intra-op threads per worker.", default_text="cores ÷ workers", ge=1)
-    decode_threads: int = setting(
-        2, "Threads decoding and preprocessing the images of one batch in parallel (PIL frees the GIL).", ge=1
+    decode_threads: int | None = setting(
+        None,
+        "Threads decoding and preprocessing the images of one batch in parallel (PIL frees the GIL).",
+        default_text="CPU: 1 per worker; CUDA: 4",
+        ge=1,
     )
     fast_decode: bool = setting(
         True,
@@ -107,7 +120,12 @@ class ServeConfig(Settings):
     )
 
     # --- batching ---
-    max_batch_size: int = setting(8, "Dynamic batching: most images per model call (1 turns batching off).", ge=1)
+    max_batch_size: int | None = setting(
+        None,
+        "Dynamic batching: most images per model call (1 turns batching off).",
+        default_text="CPU: 16; CUDA: 64",
+        ge=1,
+    )
     batch_timeout: float = setting(
         0.0,
         "Seconds a batch may wait for more images once the queue is drained; 0: never wait, batches grow "
@@ -123,6 +141,9 @@ class ServeConfig(Settings):
     max_body_bytes: int = setting(20 * 1024 * 1024, "Largest request body, in bytes; larger: 413.", ge=1024)
     max_image_pixels: int = setting(
         64 * 1024 * 1024, "Largest image, in pixels, checked before decoding (decompression bombs); larger: 413.", ge=1
+    )
+    max_aspect_ratio: float = setting(
+        32.0, "Longest side ÷ shortest side an image may have (bounds the resize's cost); more: 400.", ge=1
     )
     timeout: float = setting(
         30.0, "Seconds from admission to answer (queue wait and inference) before a 504 frees the slot.", gt=0
@@ -157,15 +178,9 @@ class ServeConfig(Settings):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
-        """Rules over several settings; one ConfigError, naming the options, for the first broken."""
-        check(
-            not (self.backend == "openvino" and self.accelerator == "cuda"),
-            "--backend openvino runs on the CPU; on CUDA use eager, compile or onnxruntime",
-        )
-        check(
-            self.ray_max_replicas is None or self.ray_max_replicas >= self.worker_count(),
-            "--ray-max-replicas must be at least the starting replica count (workers per device × devices)",
-        )
+        """Rules over several settings; one ConfigError, naming the options, for the first broken.
+        (What a backend, precision and device support together is checked where the device is
+        known: backends.check_supported.)"""
         check(
             self.engine == "ray" or (self.ray_address is None and self.ray_max_replicas is None),
             "--ray-address and --ray-max-replicas need --engine ray",
@@ -178,10 +193,6 @@ class ServeConfig(Settings):
             not (self.checkpoint is not None and self.random_weights),
             "--checkpoint and --random-weights contradict each other",
         )
-        check(
-            not (self.precision == "fp16" and self.accelerator == "cpu"),
-            "fp16 needs a CUDA device; on CPU use --precision bf16 or fp32",
-        )
         return self
 
     def queue_limit(self) -> int:
@@ -192,8 +203,10 @@ class ServeConfig(Settings):
         return max(128, 4 * self.max_batch_size * self.worker_count())
 
     def worker_count(self) -> int:
-        """Inference workers (LitServe) or replicas (Ray) in all: workers per device × devices."""
-        return self.workers_per_device * (self.devices or 1)
+        """Inference workers (LitServe) or replicas (Ray) in all: workers per device × devices. On a
+        config resolved for the machine (startup.resolve_machine) only."""
+        assert self.workers_per_device is not None and self.devices is not None, "resolve the config first"
+        return self.workers_per_device * self.devices
 
     def api_key(self) -> str | None:
         """The API key from the variable `api_key_env` names; None when no key is asked for.

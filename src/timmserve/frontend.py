@@ -4,8 +4,11 @@
 each image it takes an admission slot (503 at once when the queue is full), puts the image on
 LitServe's worker queue, and awaits that image's answer from whichever worker takes it, watching
 one end-to-end deadline (504), the client (gone: 499 in the log) and the worker that holds the
-image (died: 503). Whichever comes first frees the slot; the workers skip images whose slot was
-freed (worker.py). The worker's answer is returned as is: `list[Prediction] | RequestError`.
+image. A worker that dies holding an image loses nothing: classification is idempotent and the
+bytes are still here, so the image goes back on the queue once, to a live worker (a second loss
+is a 503). Whichever of answer, deadline or departure comes first frees the slot; the workers
+skip images whose slot was freed (worker.py). The worker's answer is returned as is:
+`list[Prediction] | RequestError`.
 
 It is a LitSpec only because that is how LitServe hands an object its queues in every API server
 process (`setup`); it registers no endpoints of its own.
@@ -14,6 +17,7 @@ process (`setup`); it registers no endpoints of its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -26,9 +30,17 @@ from starlette.requests import Request
 from timmserve import litserve_internals
 from timmserve.admission import Admission, Ticket
 from timmserve.classifier import Result
-from timmserve.errors import AnswerTimeoutError, ClientGoneError, InternalError, WorkerLostError
+from timmserve.errors import (
+    AnswerTimeoutError,
+    ClientGoneError,
+    InternalError,
+    PayloadTooLargeError,
+    WorkerLostError,
+)
 from timmserve.middleware import request_id_of
 from timmserve.payload import ImageRequest
+
+logger = logging.getLogger(__name__)
 
 # LitServe's name for the worker queue (and the workers' status keys); no HTTP route has it.
 QUEUE_PATH = "/predict"
@@ -60,8 +72,14 @@ class QueueFrontend(LitSpec):
     async def classify(self, images: Sequence[ImageRequest], request: Request) -> list[Result]:
         """One result per image, in order. Raises OverloadedError (503) at once when they would not
         fit, AnswerTimeoutError (504) at the deadline, ClientGoneError when the client left,
-        WorkerLostError (503) when the worker holding an image died, InternalError (500) when a
-        worker's batch raised (a bug; the worker logged it)."""
+        WorkerLostError (503) when the workers holding an image died twice, InternalError (500)
+        when a worker's batch raised (a bug; the worker logged it), PayloadTooLargeError (413) when
+        the request has more images than the server ever admits at once."""
+        if len(images) > self.admission.limit:
+            raise PayloadTooLargeError(
+                f"the request has {len(images)} images; this server admits at most {self.admission.limit} at once "
+                "(--max-queue): split it"
+            )
         tickets = self.admission.admit(len(images))
         deadline = time.monotonic() + self.timeout
         request_id = request_id_of(request.scope)
@@ -79,6 +97,15 @@ class QueueFrontend(LitSpec):
         return self._server is not None and litserve_internals.all_workers_ready(self._server.workers_setup_status)
 
     async def _submit(self, queued: QueuedImage, deadline: float, request: Request) -> Result:
+        try:
+            return await self._submit_once(queued, deadline, request)
+        except WorkerLostError:
+            logger.warning(
+                "an inference worker died holding an image; resubmitting it", extra={"request_id": queued.request_id}
+            )
+            return await self._submit_once(queued, deadline, request)
+
+    async def _submit_once(self, queued: QueuedImage, deadline: float, request: Request) -> Result:
         uid = str(uuid.uuid4())
         slot = litserve_internals.new_answer_slot()
         self.response_buffer[uid] = slot

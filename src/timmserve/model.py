@@ -95,14 +95,6 @@ def load_model(config: ServeConfig) -> LoadedModel:
     return LoadedModel(model=model, info=info)
 
 
-def check_precision_supported(device: torch.device, precision: str) -> None:
-    """Fail with a clear message where the device cannot run the precision."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ModelLoadError("fp16 needs a CUDA device; on CPU use bf16 or fp32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ModelLoadError(f"{torch.cuda.get_device_name(device)} does not support bf16; use fp16")
-
-
 def _create(architecture: str, **kwargs: Any) -> torch.nn.Module:
     try:
         return timm.create_model(architecture, **kwargs)

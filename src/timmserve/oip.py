@@ -1,5 +1,5 @@
 """The Open Inference Protocol (KServe v2, REST) for an image classifier: request decoding and
-response encoding, as plain functions; the endpoints live in api.py.
+response encoding, as plain functions; the endpoints live in routes.py.
 
 Model: one input, `image`, BYTES, shape [n] — encoded image files (base64 strings in JSON, as
 KServe's examples send them, or raw bytes in the binary tensor extension that Triton's clients
@@ -7,6 +7,10 @@ use). Two outputs, each of shape [n, k]: `label` (BYTES) and `probability` (FP32
 Outputs are JSON `data`, or binary when the request asks for it (`binary_data_output`, or
 `binary_data` on a requested output), with the `Inference-Header-Content-Length` header.
 Errors are `{"error": "…"}` with a 4xx status, as the protocol specifies.
+
+The request's JSON header is described by a schema (`InferRequestHeader`, pydantic, following the
+protocol's own `$inference_request` definition): every field is checked by type before it is used,
+and a request that does not fit is one 400 naming the field.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from timmserve.errors import InvalidRequestError, RequestError
 from timmserve.payload import Prediction
@@ -46,31 +52,78 @@ def model_metadata(name: str, top_k: int) -> dict[str, Any]:
     }
 
 
+class _Parameters(BaseModel):
+    """A `parameters` object: any names (the protocol's extensions), each value checked where used."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class RequestParameters(_Parameters):
+    top_k: Annotated[StrictInt, Field(ge=1)] | None = None
+    binary_data_output: StrictBool = False
+
+
+class InputParameters(_Parameters):
+    binary_data_size: Annotated[StrictInt, Field(ge=0)] | None = None
+
+
+class OutputParameters(_Parameters):
+    binary_data: StrictBool | None = None
+
+
+class InputTensor(BaseModel):
+    name: StrictStr
+    shape: list[Annotated[StrictInt, Field(ge=0)]] = Field(min_length=1)
+    datatype: StrictStr
+    parameters: InputParameters = InputParameters()
+    data: list[Any] | None = None
+
+
+class RequestedOutput(BaseModel):
+    name: StrictStr
+    parameters: OutputParameters = OutputParameters()
+
+
+class InferRequestHeader(BaseModel):
+    """The JSON part of an inference request (the protocol's `$inference_request`)."""
+
+    id: StrictStr | None = None
+    parameters: RequestParameters = RequestParameters()
+    inputs: list[InputTensor]
+    outputs: list[RequestedOutput] | None = None
+
+
 def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
-    """An OIP inference request → the encoded images it carries; raises InvalidRequestError."""
+    """An OIP inference request → the encoded images it carries. Raises InvalidRequestError (400)
+    naming the field for anything that does not fit the protocol or this model."""
     json_size = _json_size(header_length, len(body))
     try:
-        document = json.loads(body[:json_size])
-    except (ValueError, RecursionError):
-        raise InvalidRequestError("the inference request header is not valid JSON") from None
-    if not isinstance(document, dict) or not isinstance(document.get("inputs"), list):
-        raise InvalidRequestError('an inference request needs an "inputs" list')
-    if len(document["inputs"]) != 1 or not isinstance(document["inputs"][0], dict):
+        header = InferRequestHeader.model_validate_json(body[:json_size])
+    except ValidationError as exc:
+        raise InvalidRequestError(_first_problem(exc)) from None
+    if len(header.inputs) != 1:
         raise InvalidRequestError(f'this model takes exactly one input, "{INPUT_NAME}" (BYTES, shape [n])')
-    tensor = document["inputs"][0]
-    if tensor.get("datatype") != "BYTES":
-        raise InvalidRequestError(f'input "{tensor.get("name")}" must have datatype BYTES (encoded image files)')
+    tensor = header.inputs[0]
+    if tensor.datatype != "BYTES":
+        raise InvalidRequestError(f'input "{tensor.name}" must have datatype BYTES (encoded image files)')
     images = _input_elements(tensor, body[json_size:])
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not shape or int(np.prod(shape)) != len(images) or not images:
-        raise InvalidRequestError(f"input shape {shape} does not match its {len(images)} elements")
-    parameters = document.get("parameters") or {}
+    if not images or int(np.prod(tensor.shape, dtype=np.int64)) != len(images):
+        raise InvalidRequestError(f"input shape {tensor.shape} does not match its {len(images)} elements")
     return InferRequest(
         images=images,
-        top_k=_top_k(parameters.get("top_k")),
-        request_id=document.get("id") if isinstance(document.get("id"), str) else None,
-        outputs=_requested_outputs(document.get("outputs"), bool(parameters.get("binary_data_output"))),
+        top_k=header.parameters.top_k,
+        request_id=header.id,
+        outputs=_requested_outputs(header.outputs, header.parameters.binary_data_output),
     )
+
+
+def _first_problem(error: ValidationError) -> str:
+    """pydantic's first error as one line naming the field: `inputs[0].shape[0]: …`."""
+    problem = error.errors()[0]
+    if problem["type"] == "json_invalid":
+        return "the inference request header is not valid JSON"
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in problem["loc"]).lstrip(".")
+    return f"{where or 'the request'}: {problem['msg']}" + (f" (got {problem['input']!r:.60})" if where else "")
 
 
 def infer_response(
@@ -110,22 +163,21 @@ def error_body(error: RequestError | str) -> dict[str, str]:
 def _json_size(header_length: str | None, body_size: int) -> int:
     if header_length is None:
         return body_size
-    if not header_length.isdigit() or int(header_length) > body_size:
+    # ASCII digits only: str.isdigit() also accepts "²", which int() then rejects.
+    if not re.fullmatch(r"[0-9]{1,12}", header_length) or int(header_length) > body_size:
         raise InvalidRequestError(f"{HEADER_LENGTH} must be the JSON header's size, at most the body's")
     return int(header_length)
 
 
-def _input_elements(tensor: dict[str, Any], binary: bytes) -> list[bytes]:
-    parameters = tensor.get("parameters") or {}
-    if "binary_data_size" in parameters:
-        size = parameters["binary_data_size"]
-        if not isinstance(size, int) or size != len(binary):
+def _input_elements(tensor: InputTensor, binary: bytes) -> list[bytes]:
+    size = tensor.parameters.binary_data_size
+    if size is not None:
+        if size != len(binary):
             raise InvalidRequestError("binary_data_size does not match the binary data after the JSON header")
         return _deserialize_bytes(binary)
-    data = tensor.get("data")
-    if not isinstance(data, list):
-        raise InvalidRequestError(f'input "{tensor.get("name")}" has no "data" (base64 strings) and no binary data')
-    flat = list(_flatten(data))
+    if tensor.data is None:
+        raise InvalidRequestError(f'input "{tensor.name}" has no "data" (base64 strings) and no binary data')
+    flat = list(_flatten(tensor.data))
     if not all(isinstance(item, str) for item in flat):
         raise InvalidRequestError("BYTES data in JSON must be base64 strings of image files")
     try:
@@ -155,25 +207,16 @@ def _serialize(tensor: list[bytes] | np.ndarray) -> bytes:
     return b"".join(struct.pack("<I", len(item)) + item for item in tensor)
 
 
-def _requested_outputs(outputs: Any, binary_default: bool) -> dict[str, bool]:
+def _requested_outputs(outputs: list[RequestedOutput] | None, binary_default: bool) -> dict[str, bool]:
     if outputs is None:
         return dict.fromkeys(OUTPUTS, binary_default)
-    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-        raise InvalidRequestError('"outputs" must be a list of {"name": …}')
     requested = {}
     for output in outputs:
-        if output.get("name") not in OUTPUTS:
-            raise InvalidRequestError(f"unknown output {output.get('name')!r}; this model has {', '.join(OUTPUTS)}")
-        requested[output["name"]] = bool((output.get("parameters") or {}).get("binary_data", binary_default))
+        if output.name not in OUTPUTS:
+            raise InvalidRequestError(f"unknown output {output.name!r}; this model has {', '.join(OUTPUTS)}")
+        binary = output.parameters.binary_data
+        requested[output.name] = binary_default if binary is None else binary
     return requested
-
-
-def _top_k(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidRequestError(f"parameter top_k must be a positive integer, got {value!r}")
-    return value
 
 
 def _flatten(data: list[Any]):  # noqa: ANN202 - a generator over nested lists

@@ -1,9 +1,12 @@
 """Image bytes → model input tensor.
 
-Decoding is defensive: the format is checked against the accepted list, the pixel count against
-the limit *before* any pixel is decoded (a 50 KB PNG can claim 100k × 100k), EXIF orientation is
-applied, and every mode (L, LA, P, RGBA, CMYK, 16-bit …) becomes RGB. Each failure is a typed
-RequestError, so the API answers 400/413/415 with a message that says what was wrong.
+Decoding is defensive. Before any pixel is decoded: the format's family is checked against the
+accepted ones (a phone's MPO is a JPEG), the pixel count against its limit (a 50 KB PNG can claim
+100k × 100k), the aspect ratio against its limit (the resized image grows with the long side: a
+102-byte 1×4000 PNG cost 20 photos' time and 0.75 GB), and a JPEG's scan count (each progressive
+scan re-reads the whole image: 1,000 scans in 367 KB held a worker for 40 s). Then EXIF
+orientation is applied, and every mode (L, LA, P, RGBA, CMYK, 16-bit …) becomes RGB. Each failure
+is a typed RequestError, so the API answers 400/413/415 with a message that says what was wrong.
 
 The tensor transform is timm's own eval transform for the model's data config (input size,
 interpolation, crop and mean/std come from the model, never from constants here), split in two:
@@ -33,20 +36,45 @@ from torchvision.transforms import v2
 
 from timmserve.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaError
 
-SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+# Pillow's format names → the accepted family they belong to (every other format Pillow can open,
+# e.g. TIFF, JPEG 2000, PSD, ICO, PPM: 415).
+FORMAT_FAMILIES: dict[str, str] = {
+    "JPEG": "JPEG",
+    "MPO": "JPEG",  # multi-picture JPEG (phones' depth/HDR images): the first picture is a JPEG
+    "PNG": "PNG",  # APNG too (Pillow says PNG): its first frame
+    "WEBP": "WEBP",
+    "BMP": "BMP",
+    "DIB": "BMP",
+    "GIF": "GIF",
+}
 _SUPPORTED_NAMES = "JPEG, PNG, WebP, BMP or GIF"
+# Baseline JPEGs have 1 scan per component; libjpeg's standard progressive script has 10; encoders
+# that tune scans (mozjpeg) stay far below this. Each scan costs a pass over the whole image.
+MAX_JPEG_SCANS = 64
+_JPEG_START_OF_SCAN = b"\xff\xda"  # never inside entropy-coded data, where 0xFF is stuffed as 0xFF00
+# Modes whose pixels Pillow's reduce can average (palette indices cannot be averaged).
+_REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F", "RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # Transparent pixels are composited onto white, as a browser shows them on a default page.
 _BACKGROUND = (255, 255, 255, 255)
 
 
-def decode_image(data: bytes, *, max_pixels: int, draft_size: tuple[int, int] | None = None) -> Image.Image:
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    max_aspect_ratio: float = float("inf"),
+    draft_size: tuple[int, int] | None = None,
+) -> Image.Image:
     """Decode an image file's bytes to an RGB PIL image (first frame, EXIF orientation applied).
-    `draft_size` (width, height): a JPEG may come back downscaled by its decoder, never below it."""
+    `draft_size` (width, height): the image may come back downscaled by an integer factor (a JPEG
+    by its decoder's DCT scaling, any other by a box filter), never below that size. Raises
+    InvalidImageError (400), PayloadTooLargeError (413) or UnsupportedMediaError (415)."""
     if not data:
         raise InvalidImageError("the image is empty (0 bytes)")
     image = _open(data)
-    if image.format not in SUPPORTED_FORMATS:
+    family = FORMAT_FAMILIES.get(image.format or "")
+    if family is None:
         raise UnsupportedMediaError(f"{image.format} images are not accepted; send {_SUPPORTED_NAMES}")
     width, height = image.size
     if width < 1 or height < 1:
@@ -55,13 +83,40 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: tuple[int, int] | 
         raise PayloadTooLargeError(
             f"the image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
         )
-    if draft_size is not None and image.format == "JPEG":
-        image.draft("RGB", draft_size)
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        raise InvalidImageError(
+            f"the image is {width}x{height}, an aspect ratio over the limit of {max_aspect_ratio:g}:1; crop it"
+        )
+    if family == "JPEG":
+        scans = data.count(_JPEG_START_OF_SCAN)
+        if scans > MAX_JPEG_SCANS:
+            raise InvalidImageError(f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}")
+        if draft_size is not None:
+            image.draft("RGB", draft_size)
     try:
-        image.load()  # first frame only for GIF / animated WebP
+        image.load()  # first frame only for GIF / animated WebP / MPO
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError … for bad pixel data
-        raise InvalidImageError(f"the {image.format} data is corrupt or truncated ({exc})") from None
+        raise InvalidImageError(f"the {family} data is corrupt or truncated ({exc})") from None
+    if draft_size is not None:
+        image = _reduce(image, draft_size)
     return to_rgb(_apply_exif_orientation(image))
+
+
+def _reduce(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Shrink by the largest integer factor that keeps both sides at least `size` (box filter,
+    as a JPEG decoder's DCT scaling does), before any full-size copy is made: the mode conversion
+    and resize then work on the small image. (Pillow's reduce weights colours by alpha itself, so
+    transparent pixels' colours do not bleed in: tested.)"""
+    factor = min(image.width // size[0], image.height // size[1])
+    if factor < 2:
+        return image
+    if image.mode in ("P", "PA"):  # palette indices cannot be averaged: to colours first
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    if image.mode in _SIXTEEN_BIT_MODES:  # reduce cannot read them; "I" can, but loses their scale
+        return _sixteen_bit_to_rgb(image.convert("I").reduce(factor), full_scale=65535.0)
+    if image.mode not in _REDUCIBLE_MODES:
+        return image
+    return image.reduce(factor)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -99,10 +154,11 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
         return image
 
 
-def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
+def _sixteen_bit_to_rgb(image: Image.Image, full_scale: float | None = None) -> Image.Image:
     values = np.asarray(image, dtype=np.float32)
     # 16-bit sources span 0..65535; a 32-bit "I" image holding 8-bit data keeps its scale.
-    full_scale = 65535.0 if image.mode in _SIXTEEN_BIT_MODES or values.max(initial=0) > 255 else 255.0
+    if full_scale is None:
+        full_scale = 65535.0 if image.mode in _SIXTEEN_BIT_MODES or values.max(initial=0) > 255 else 255.0
     scaled = np.clip(values * (255.0 / full_scale), 0, 255).round().astype(np.uint8)
     return Image.fromarray(scaled).convert("RGB")  # 2-D uint8 → mode L
 
@@ -112,9 +168,17 @@ class Preprocessor:
     data config (see the module's docstring for `fast_decode`); `Normalizer` finishes the job per
     batch."""
 
-    def __init__(self, data_config: dict[str, Any], *, max_pixels: int, fast_decode: bool = True) -> None:
+    def __init__(
+        self,
+        data_config: dict[str, Any],
+        *,
+        max_pixels: int,
+        max_aspect_ratio: float = float("inf"),
+        fast_decode: bool = True,
+    ) -> None:
         self.data_config = dict(data_config)
         self.max_pixels = max_pixels
+        self.max_aspect_ratio = max_aspect_ratio
         self.transform = create_transform(**self.data_config, is_training=False, normalize=False)
         self.tensor_transform = uint8_tensor_transform(self.transform) if fast_decode else None
         _, height, width = self.data_config["input_size"]
@@ -123,7 +187,9 @@ class Preprocessor:
         self.draft_size = (math.ceil(width / crop_pct), math.ceil(height / crop_pct)) if fast_decode else None
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        image = decode_image(data, max_pixels=self.max_pixels, draft_size=self.draft_size)
+        image = decode_image(
+            data, max_pixels=self.max_pixels, max_aspect_ratio=self.max_aspect_ratio, draft_size=self.draft_size
+        )
         if self.tensor_transform is None:
             return self.transform(image)
         return self.tensor_transform(torch.from_numpy(np.array(image)).permute(2, 0, 1))

@@ -170,6 +170,8 @@ def build_server(config: ServeConfig) -> TimmServer:
         restart_workers=True,
     )
     server.grace_period = config.grace_period
+    # LitServe checks its workers every 2 s: /health said 200 for up to 2 s after a worker died.
+    server.monitor_internal = 0.1
     service = routes.InferenceService(
         model_name=oip_model_name(prepared.info),
         limits=PayloadLimits(config.max_body_bytes, prepared.info.num_classes, config.top_k),

@@ -4,24 +4,32 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
+import httpx
+import psutil
 import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import DATA
+from tests.conftest import CAT_LABELS, DATA
 from timmserve.bench.ceiling import measure_ceilings
 from timmserve.bench.config import BenchConfig
 from timmserve.bench.ladder import run_bench
 from timmserve.bench.load import LoadSpec, measure_client_capacity, run_level
 from timmserve.bench.monitor import Monitor
-from timmserve.bench.process import free_port
-from timmserve.bench.report import PLOTS, write_results
+from timmserve.bench.process import REFERENCE_SERVER, ServerProcess, free_port
+from timmserve.bench.report import PLOTS, to_markdown, write_results
+from timmserve.bench.winner import write_winner
 from timmserve.classifier import build_classifier
+from timmserve.cli import _serve_config, serve
 from timmserve.config import ServeConfig
 from timmserve.labels import load_labels
+from timmserve.payload import ImageRequest
 
 TINY = ServeConfig(model="test_efficientnet", random_weights=True)
 
@@ -113,14 +121,73 @@ def test_monitor_samples_the_server_tree(tiny_server, photos):
     assert 0 < summary["server_cpu_percent"] <= 100
     assert 0 < summary["cpu_percent"] <= 100
     assert summary["client_cpu_percent"] is not None
+    assert summary["foreign_cpu_percent"] >= 0
     assert summary["gpu_percent"] is None  # no GPU here
+
+
+@contextmanager
+def foreign_busy_process(seconds: float = 180) -> Iterator[psutil.Process]:
+    """A busy loop for at most `seconds`, outside this process's tree: a shell starts it in the
+    background and exits, so the bench does not count it as its own load generator. Killed by its
+    PID (psutil checks it is still the same process)."""
+    loop = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
+    shell = f"{shlex.quote(sys.executable)} -c {shlex.quote(loop)} >/dev/null 2>&1 & echo $!"
+    busy = psutil.Process(int(subprocess.run(["sh", "-c", shell], capture_output=True, text=True, check=True).stdout))
+    try:
+        yield busy
+    finally:
+        with suppress(psutil.NoSuchProcess):  # its own time limit may have ended it
+            busy.kill()
+
+
+def test_a_ladder_run_beside_a_busy_process_is_marked_foreign_load():
+    # The busy loop wants a whole core, 50 % of this 2-core machine; even sharing the cores with the
+    # server and the load generator, its share stays well over the 10 % line (a fifth of a core).
+    with foreign_busy_process() as busy:
+        assert busy.pid not in {p.pid for p in psutil.Process().children(recursive=True)}
+        config = BenchConfig(
+            serve=TINY,
+            ladder=("baseline",),
+            rounds=1,
+            concurrency=(2,),
+            duration=1.5,
+            warmup=0.3,
+            ceiling_duration=0.5,
+            ceiling_batch_sizes=(1,),
+        )
+        results = run_bench(config, progress=False, log=lambda line: None)
+    [run] = results["runs"]
+    [level] = run["levels"]
+    assert level["foreign_load"] is True and level["foreign_cpu_percent"] >= 10, level
+    assert run["ceiling"]["foreign_load"] is True, run["ceiling"]
+    markdown = to_markdown(results, [])
+    assert f"(foreign load {level['foreign_cpu_percent']:.0f}%" in markdown
+    assert "(foreign load) |" in markdown  # the ceiling's row
+
+
+def test_the_reference_server_answers_as_the_served_rungs_do(photos):
+    # The built-in model (real weights), so that the cat photo has a meaningful top-1; the served
+    # rungs' workers answer with this same classifier (the contract suite checks that path), built
+    # here in process to spare this busy machine a second server.
+    config = ServeConfig(workers_per_device=2, log_level="warning")
+    classifier, _ = build_classifier(config, load_labels(1000), torch.device("cpu"))
+    [expected, rejected] = classifier.classify([ImageRequest(photos["cat"], config.top_k), ImageRequest(b"nope", 5)])
+    with ServerProcess.from_config(config, program=REFERENCE_SERVER) as reference:
+        assert len(psutil.Process(reference.pid).children(recursive=True)) >= 2  # uvicorn's workers
+        answer = httpx.post(f"{reference.url}/predict", content=photos["cat"], headers={"Content-Type": "image/jpeg"})
+        bad = httpx.post(f"{reference.url}/predict", content=b"nope", headers={"Content-Type": "image/jpeg"})
+    assert answer.status_code == 200
+    [top1, *_] = answer.json()["predictions"]
+    assert top1["label"] == expected[0].label and top1["label"] in CAT_LABELS
+    assert top1["probability"] == pytest.approx(expected[0].probability, abs=1e-4)
+    assert (bad.status_code, bad.json()) == (rejected.status_code, {"detail": rejected.detail})  # the same 400
 
 
 @pytest.fixture(scope="module")
 def bench_results(tmp_path_factory):
     config = BenchConfig(
         serve=TINY.replace(cache_dir=tmp_path_factory.mktemp("artifacts")),  # `best` resolves --backend auto
-        ladder=("baseline", "best"),
+        ladder=("reference", "baseline", "best"),
         rounds=2,
         concurrency=(1, 2),
         rates=(5.0,),
@@ -131,18 +198,19 @@ def bench_results(tmp_path_factory):
         images=DATA,
     )
     out = tmp_path_factory.mktemp("bench")
-    results = run_bench(config, progress=False, log=lambda line: None)
-    return results, write_results(results, out)
+    log: list[str] = []
+    results = run_bench(config, progress=False, log=log.append)
+    return results, write_results(results, out), log
 
 
 def test_ladder_writes_the_design_fields(bench_results):
-    results, path = bench_results
+    results, path, log = bench_results
     saved = json.loads(path.read_text())
     assert saved == json.loads(json.dumps(results))
     assert {"python", "torch", "timm", "litserve", "device", "cpus"} <= set(saved["env"])
     assert saved["model"]["name"] == "test_efficientnet" and saved["model"]["input_size"] == [3, 160, 160]
     assert saved["client_capacity_req_per_s"] > 0
-    assert [run["name"] for run in saved["runs"]] == ["baseline", "best"]
+    assert [run["name"] for run in saved["runs"]] == ["reference", "baseline", "best"]
     for run in saved["runs"]:
         assert run["rounds"] == 2
         assert run["config"]["model"] == "test_efficientnet"
@@ -160,7 +228,16 @@ def test_ladder_writes_the_design_fields(bench_results):
             assert level["efficiency"] > 0 and level["efficiency_vs_best"] > 0
             assert level["client_bound"] is False
             assert level["gpu_percent"] is None and level["cpu_percent"] is not None
-    baseline, best = saved["runs"]
+            # Measured, not asserted low: other programs on a shared machine may well be busy.
+            assert level["foreign_cpu_percent"] >= 0 and isinstance(level["foreign_load"], bool)
+            assert isinstance(level["too_few"], bool)
+        assert run["ceiling"]["foreign_cpu_percent"] >= 0 and isinstance(run["ceiling"]["foreign_load"], bool)
+    reference, baseline, best = saved["runs"]
+    assert (reference["config"]["engine"], reference["config"]["max_batch_size"]) == ("reference", 1)
+    # Round 1 in ladder order: the reference rung on its own server, the others on `timmserve serve`.
+    servers = [line.split(" server: ")[1].split(" on ")[0] for line in log if " server: " in line]
+    assert servers[:3] == ["python -m timmserve.bench.reference"] + ["python -m timmserve serve"] * 2
+    assert "reference" not in saved["bench"]["ladder_notes"]["from"]
     assert baseline["config"]["max_batch_size"] == 1 and baseline["config"]["decode_threads"] == 1
     assert best["config"]["max_batch_size"] == 64  # best combines the rungs not measured to lose
     assert best["config"]["backend"] in ("eager", "onnxruntime", "openvino")  # auto, resolved once
@@ -169,14 +246,24 @@ def test_ladder_writes_the_design_fields(bench_results):
 
 
 def test_report_renders_from_a_saved_file(bench_results):
-    _, path = bench_results
+    _, path, _ = bench_results
     for name in ("results.md", *PLOTS):
         (path.parent / name).unlink(missing_ok=True)
     result = subprocess.run([sys.executable, "-m", "timmserve", "report", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     markdown = (path.parent / "results.md").read_text()
     assert "| baseline | c=1 |" in markdown and "| best | 5 req/s open |" in markdown
+    assert "| reference | c=2 |" in markdown and "- best vs reference: c=1: " in markdown
     assert "## Accuracy guard" in markdown and "| baseline | eager | fp32 | 4/4 |" in markdown
     assert "best vs baseline" in markdown
     for name in PLOTS:
         assert (path.parent / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_winner_is_written_as_the_config_serve_loads(bench_results, tmp_path):
+    results, _, _ = bench_results
+    path = tmp_path / "serve.toml"
+    assert write_winner(results, path) == "best"
+    ctx = serve.make_context("serve", ["--config", str(path)])
+    loaded = _serve_config(ctx, path, {name: value for name, value in ctx.params.items() if name != "config_file"})
+    assert loaded == ServeConfig.from_mapping(results["runs"][-1]["config"])

@@ -18,17 +18,20 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import DATA
+from tests.conftest import DATA, ONE_SLOW_WORKER
+from timmserve.bench.process import ServerProcess
+from timmserve.frontend import WATCH_INTERVAL
 
 RAW = {"Content-Type": "application/octet-stream"}
 SMALL_MODEL = ("--model", "test_efficientnet", "--random-weights")
+JSON_ACCESS_LOG = ("--log-format", "json", "--log-level", "info")
+OUTCOMES = ("classified", "rejected", "abandoned")  # of each image a worker takes from the queue
 API_KEY_ENV = "TIMMSERVE_TEST_KEY"
 API_KEY = "s3cret-key"
 WITH_KEY = {"X-API-Key": API_KEY}
 QUEUE_LIMIT = 4
 # A small model that asks for the API key, logs JSON at info level, and admits QUEUE_LIMIT images.
-KEYED = (*SMALL_MODEL, "--api-key-env", API_KEY_ENV, "--log-format", "json", "--log-level", "info",
-         "--max-queue", str(QUEUE_LIMIT))  # fmt: skip
+KEYED = (*SMALL_MODEL, "--api-key-env", API_KEY_ENV, *JSON_ACCESS_LOG, "--max-queue", str(QUEUE_LIMIT))
 
 
 @pytest.fixture
@@ -39,8 +42,8 @@ def keyed_server(start_server, monkeypatch):
     return start_server(*KEYED)
 
 
-def predict(url: str, data: bytes, **kwargs) -> httpx.Response:
-    return httpx.post(
+def predict(url: str, data: bytes, client: httpx.Client | None = None, **kwargs) -> httpx.Response:
+    return (client or httpx).post(
         f"{url}/predict", content=data, headers={**RAW, **kwargs.pop("headers", {})}, timeout=60, **kwargs
     )
 
@@ -55,6 +58,18 @@ def scrape(url: str, **kwargs) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
+
+
+def logged(server: ServerProcess) -> list[dict]:
+    """The server's log entries so far (started with JSON_ACCESS_LOG); on Ray, Ray's own JSON lines
+    too (without a "logger")."""
+    return [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+
+
+def predict_access(server: ServerProcess) -> list[dict]:
+    """Access-log entries of `POST /predict`, one per request answered."""
+    access = [e for e in logged(server) if e.get("logger") == "timmserve.access"]
+    return [e for e in access if e["message"].startswith("POST /predict")]
 
 
 def wait_for(condition, timeout: float, interval: float = 0.05) -> bool:
@@ -87,7 +102,7 @@ def _connection_refused(port: int) -> bool:
 
 @pytest.mark.parametrize("to_group", [False, True], ids=["SIGTERM to the main process", "SIGTERM to the group"])
 def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(start_server, photos, to_group):
-    server = start_server("--max-batch-size", "1", "--grace-period", "20", "--log-level", "info")
+    server = start_server("--max-batch-size", "1", "--grace-period", "20", "--log-level", "info", *ONE_SLOW_WORKER)
     sent = 32
 
     def all_admitted() -> bool:  # each one is queued or already answered: none left in a socket backlog
@@ -164,7 +179,7 @@ def answered_or_refused_while_draining(server, photos: dict[str, bytes], headers
     assert wait_for(lambda: not session_processes(server.pid), timeout=30), session_processes(server.pid)
 
 
-def test_a_dead_worker_is_reported_and_replaced_while_the_other_serves(start_server, photos):
+def test_a_dead_worker_loses_no_request_and_is_reported_at_once(start_server, photos):
     server = start_server("--workers-per-device", "2", "--max-batch-size", "4")
     workers = [p for p in psutil.Process(server.pid).children() if "spawn_main" in " ".join(p.cmdline())]
     workers = [p for p in workers if "resource_tracker" not in " ".join(p.cmdline())]
@@ -183,49 +198,59 @@ def test_a_dead_worker_is_reported_and_replaced_while_the_other_serves(start_ser
     try:
         assert wait_for(lambda: len(statuses) >= 8, timeout=60)
         workers[0].kill()
-        health: list[int] = []
+        killed_at = time.monotonic()
+        health: list[tuple[float, int]] = []
 
         def recovered() -> bool:
-            health.append(httpx.get(f"{server.url}/health", timeout=10).status_code)
-            return 503 in health and health[-1] == 200
+            health.append((time.monotonic() - killed_at, httpx.get(f"{server.url}/health", timeout=10).status_code))
+            return 503 in [status for _, status in health] and health[-1][1] == 200
 
-        assert wait_for(recovered, timeout=180, interval=0.25), health  # 503 while replacing, then 200
+        assert wait_for(recovered, timeout=180, interval=0.1), health  # 503 while replacing, then 200
+        first_503 = min(at for at, status in health if status == 503)
+        assert first_503 < 1.0, health  # from the moment the death is known (LitServe's monitor: 2 s)
         served_before = statuses.count(200)
         assert wait_for(lambda: statuses.count(200) >= served_before + 8, timeout=60)
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=60)
-    assert set(statuses) <= {200, 503}  # 503 only for images that were on the dead worker
-    assert statuses.count(503) <= 4 * 4
+    assert set(statuses) == {200}, statuses  # images on the dead worker went to the live one
     replacement = [p for p in psutil.Process(server.pid).children() if "spawn_main" in " ".join(p.cmdline())]
     assert workers[0].pid not in {p.pid for p in replacement}
     assert re.search(r"inference worker 0 \(pid \d+\) died with exit code -9; starting a replacement", server.log())
 
 
 def test_the_request_timeout_answers_504_and_frees_the_slot(start_server, photos):
-    server = start_server("--max-batch-size", "1", "--timeout", "0.25")
-    started = time.monotonic()
-    with ThreadPoolExecutor(24) as pool:
-        timed = list(pool.map(lambda _: _timed(predict, server.url, photos["cat"]), range(24)))
-    statuses = [response.status_code for response, _ in timed]
+    timeout = 0.25
+    server = start_server("--max-batch-size", "1", "--timeout", str(timeout), *JSON_ACCESS_LOG)
+    # More images than the worker classifies in 0.25 s on an idle machine, sent at once (one client:
+    # a client per request spends the CPU on its own TLS context first, spreading the burst out).
+    sent = 48
+    with httpx.Client(limits=httpx.Limits(max_connections=sent)) as client, ThreadPoolExecutor(sent) as pool:
+        responses = list(pool.map(lambda _: predict(server.url, photos["cat"], client=client), range(sent)))
+    statuses = [response.status_code for response in responses]
     assert set(statuses) <= {200, 504} and 504 in statuses, statuses
-    for response, elapsed in timed:
-        if response.status_code == 504:
-            assert "request timeout of 0.25 s" in response.json()["detail"]
-            assert elapsed < 10  # the 0.25 s deadline answered, not something slower (CI's 2 cores are busy)
-    assert time.monotonic() - started < 30
-    metrics = scrape(server.url)
-    assert metrics["timmserve_in_flight_images"] == 0
-    # The worker skipped images whose request had already been answered 504.
-    assert wait_for(lambda: scrape(server.url).get('timmserve_images_total{outcome="abandoned"}', 0) > 0, timeout=10)
-    assert predict(server.url, photos["cat"]).status_code == 200
+    assert all("request timeout of 0.25 s" in r.json()["detail"] for r in responses if r.status_code == 504)
+    # Timed by the server (its access log), from the request's arrival: what the client measures
+    # adds its own threads and the accept queue on a busy machine. A waiting request looks at its
+    # deadline at least once per watch interval, so every answer, 200 or 504, comes by then; the
+    # second on top is slack for a busy 2-core machine (the worker holds both cores).
+    late = timeout + WATCH_INTERVAL + 1.0
+    assert wait_for(lambda: len(predict_access(server)) == len(responses), timeout=10)
+    for entry in predict_access(server):
+        assert entry["duration_ms"] < late * 1000, entry
+        if entry["status"] == 504:
+            assert entry["duration_ms"] >= timeout * 1000, entry  # never before the deadline
+    assert scrape(server.url)["timmserve_in_flight_images"] == 0
 
+    def taken() -> dict[str, float]:
+        images = scrape(server.url)
+        return {outcome: images.get(f'timmserve_images_total{{outcome="{outcome}"}}', 0) for outcome in OUTCOMES}
 
-def _timed(fn, *args) -> tuple[httpx.Response, float]:
-    started = time.monotonic()
-    response = fn(*args)
-    return response, time.monotonic() - started
+    # The worker gets through the backlog, skipping the images whose request was answered 504
+    # (not a 200 for a new request: on a busy machine one image may take longer than 0.25 s).
+    assert wait_for(lambda: sum(taken().values()) == len(responses), timeout=30), taken()
+    assert taken()["abandoned"] > 0 and taken()["rejected"] == 0
 
 
 def _finished_at(fn, *args) -> tuple[httpx.Response, float]:
@@ -335,14 +360,11 @@ def test_request_ids_are_returned_and_logged_as_json(keyed_server, photos):
     [other_id] = other.headers.get_list("X-Request-ID")
     assert other.status_code == 400
 
-    def logged() -> list[dict]:  # timmserve's lines, and on Ray Ray's own (without a "logger")
-        return [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-
     def access_lines() -> dict[str, dict]:
-        return {e["request_id"]: e for e in logged() if e.get("logger") == "timmserve.access"}
+        return {e["request_id"]: e for e in predict_access(server)}
 
     assert wait_for(lambda: other_id in access_lines(), timeout=10)
-    entries, access = logged(), access_lines()
+    entries, access = logged(server), access_lines()
     assert access["trace-42.a"]["status"] == 200 and access["trace-42.a"]["message"] == "POST /predict 200"
     assert access[other_id]["status"] == 400 and access[other_id]["duration_ms"] > 0
     rejected = [e for e in entries if e.get("request_id") == other_id and e.get("logger") != "timmserve.access"]
@@ -350,24 +372,35 @@ def test_request_ids_are_returned_and_logged_as_json(keyed_server, photos):
 
 
 def test_the_batcher_waits_batch_timeout_for_more_images_and_no_longer(start_server, photos):
-    server = start_server("--max-batch-size", "8", "--batch-timeout", "1.5")
+    # 1 s: a bucket boundary of the queue-wait histogram (metrics.LATENCY_BUCKETS).
+    server = start_server("--max-batch-size", "8", "--batch-timeout", "1", *ONE_SLOW_WORKER)
     before = scrape(server.url)
 
     def send_after(delay: float) -> httpx.Response:
         time.sleep(delay)
         return predict(server.url, photos["cat"])
 
-    # Three images 0.2 s apart: one batch, because the first waits up to 1.5 s for company.
+    # Three images 0.2 s apart: one batch, because the first waits up to 1 s for company.
     with ThreadPoolExecutor(3) as pool:
         responses = list(pool.map(send_after, (0.0, 0.2, 0.4)))
     assert [r.status_code for r in responses] == [200] * 3
     after = scrape(server.url)
-    assert after["timmserve_batch_size_count"] - before.get("timmserve_batch_size_count", 0) == 1
-    assert after["timmserve_batch_size_sum"] - before.get("timmserve_batch_size_sum", 0) == 3
+
+    def moved(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert moved("timmserve_batch_size_count") == 1 and moved("timmserve_batch_size_sum") == 3
+    # The batch did not fill, so it closed 1 s after the first image was taken: that image waited
+    # more than 1 s in the queue. LitServe's stock loop counts the second from when the idle worker
+    # last began waiting, so there every image waits 1 s or less.
+    waited_over_timeout = moved("timmserve_queue_wait_seconds_count") - moved(
+        'timmserve_queue_wait_seconds_bucket{le="1.0"}'
+    )
+    assert waited_over_timeout >= 1
 
 
 def test_without_a_timeout_batches_still_form_under_load(start_server, photos):
-    server = start_server("--max-batch-size", "16", "--batch-timeout", "0")
+    server = start_server("--max-batch-size", "16", "--batch-timeout", "0", *ONE_SLOW_WORKER)
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda _: predict(server.url, photos["cat"]), range(48)))
     assert [r.status_code for r in responses] == [200] * 48

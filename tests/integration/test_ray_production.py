@@ -37,7 +37,9 @@ def keyed_server(start_module_server):
     """KEYED on Ray Serve: one replica taking one image at a time, and a request timeout."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv(API_KEY_ENV, API_KEY)  # for the server, and for the CLI's --api-key-env
-        yield start_module_server("--engine", "ray", *KEYED, "--max-batch-size", "1", "--timeout", str(TIMEOUT))
+        yield start_module_server(
+            "--engine", "ray", *KEYED, "--workers-per-device", "1", "--max-batch-size", "1", "--timeout", str(TIMEOUT)
+        )
 
 
 def test_a_setting_ray_cannot_honour_is_refused_in_one_line_before_ray_starts():

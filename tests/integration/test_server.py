@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import CAT_LABELS, DATA
+from tests.conftest import CAT_LABELS, DATA, ONE_SLOW_WORKER
 from tests.integration.test_faults import BAD_INPUTS, MAX_BODY, send_case
 
 # The fault table's body limit on every shared server, so all its cases hold.
@@ -177,7 +177,8 @@ def test_sigint_stops_every_process_and_frees_the_port(start_server):
 
 
 def test_overload_is_refused_at_once_with_503_and_accepted_requests_succeed(start_server, photos):
-    server = start_server("--max-batch-size", "1", "--max-queue", "2")
+    # One slow worker (eager), so that served requests queue: refusals must come faster than them.
+    server = start_server("--max-batch-size", "1", "--max-queue", "2", *ONE_SLOW_WORKER)
 
     clients = threading.local()
 
@@ -204,15 +205,23 @@ def test_overload_is_refused_at_once_with_503_and_accepted_requests_succeed(star
     assert httpx.get(f"{server.url}/info").json()["model"]["config"]["max_queue"] == 2
 
 
-def test_auto_backend_is_chosen_before_the_workers_start_and_answers_as_eager_does(start_server, photos, tmp_path):
+def test_auto_is_decided_before_the_workers_start_reused_on_the_next_start_and_answers_as_eager_does(
+    start_server, photos, tmp_path
+):
     common = ("--model", "test_efficientnet", "--random-weights", "--max-batch-size", "4", "--cache-dir", str(tmp_path))
-    auto = start_server(*common, "--backend", "auto", "--log-level", "info")
-    chosen = httpx.get(f"{auto.url}/info").json()["model"]["config"]["backend"]
-    assert chosen in ("eager", "onnxruntime", "openvino")  # resolved: the workers never see "auto"
-    assert f"--backend auto chose {chosen}" in auto.log()
+    auto = start_server(*common, "--log-level", "info")  # backend and precision: auto by default
+    config = httpx.get(f"{auto.url}/info").json()["model"]["config"]
+    chosen = (config["backend"], config["precision"])
+    assert chosen[0] in ("eager", "onnxruntime", "openvino") and chosen[1] in ("fp32", "bf16")  # resolved
+    assert f"auto chose --backend {chosen[0]} --precision {chosen[1]}" in auto.log()
+    assert "agrees with eager fp32" in auto.log()  # measured: the trials are in the line
     answers = {name: predict_raw(auto.url, data).json()["predictions"] for name, data in photos.items()}
     auto.stop()
-    eager = start_server(*common)
+    again = start_server(*common, "--log-level", "info")
+    assert f"auto chose --backend {chosen[0]} --precision {chosen[1]}" in again.log()
+    assert f"cached in {tmp_path / 'decisions'}" in again.log() and "agrees with" not in again.log()
+    again.stop()
+    eager = start_server(*common, "--backend", "eager", "--precision", "fp32")
     for name, data in photos.items():
         expected = predict_raw(eager.url, data).json()["predictions"]
         assert answers[name][0]["label"] == expected[0]["label"]

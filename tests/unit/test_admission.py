@@ -4,7 +4,7 @@ import multiprocessing
 
 import pytest
 
-from timmserve.admission import Admission, Ticket
+from timmserve.admission import Admission
 from timmserve.errors import OverloadedError
 
 
@@ -45,7 +45,13 @@ def test_slots_are_shared_with_spawned_processes():
     child.start()
     tickets = queue.get(timeout=60)
     child.join(timeout=60)
-    assert all(isinstance(t, Ticket) for t in tickets)
     assert admission.in_flight() == 2 and all(admission.is_live(t) for t in tickets)
-    admission.release(tickets)
+    # The child took two of the four slots and two serials: here, only the other two are free, and
+    # new serials follow the child's (a reused serial would make a stale image look live).
+    mine = admission.admit(2)
+    assert {t.slot for t in mine}.isdisjoint(t.slot for t in tickets)
+    assert min(t.serial for t in mine) > max(t.serial for t in tickets)
+    with pytest.raises(OverloadedError):
+        admission.admit(1)
+    admission.release(tickets + mine)
     assert admission.in_flight() == 0

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from timmserve.bench.aggregate import add_efficiency, aggregate_rung
+from timmserve.bench.aggregate import add_efficiency, aggregate_rung, flags
 
 
-def level(req_per_s: float, p50: float, cpu: float, gpu: float | None, errors: dict[str, int]) -> dict[str, Any]:
+def level(
+    req_per_s: float,
+    p50: float,
+    cpu: float,
+    gpu: float | None,
+    errors: dict[str, int],
+    foreign: float | None = 1.0,
+) -> dict[str, Any]:
     """One closed-loop level at c=8 as one round measures it: 2 s, sent = ok + errors."""
     ok = round(req_per_s * 2)
     return {
@@ -27,6 +34,7 @@ def level(req_per_s: float, p50: float, cpu: float, gpu: float | None, errors: d
         "cpu_percent": cpu,
         "server_cpu_percent": cpu / 2,
         "client_cpu_percent": None,
+        "foreign_cpu_percent": foreign,
         "gpu_percent": gpu,
         "gpu_memory_mb": None,
     }
@@ -36,9 +44,11 @@ def rows(img_per_s: dict[int, float]) -> list[dict[str, Any]]:
     return [{"batch_size": size, "img_per_s": rate} for size, rate in img_per_s.items()]
 
 
-def ceiling(model: dict[int, float], pipeline: dict[int, float], top1: int, ok: bool = True) -> dict[str, Any]:
+def ceiling(
+    model: dict[int, float], pipeline: dict[int, float], top1: int, ok: bool = True, foreign: float | None = 1.0
+) -> dict[str, Any]:
     accuracy = {"top1_agree": top1, "images": 4, "max_prob_diff": 0.0005, "tolerance": 0.001, "ok": ok}
-    return {"model": rows(model), "pipeline": rows(pipeline), "accuracy": accuracy}
+    return {"model": rows(model), "pipeline": rows(pipeline), "accuracy": accuracy, "foreign_cpu_percent": foreign}
 
 
 def test_a_level_is_the_median_of_its_rounds_and_counts_are_summed():
@@ -92,6 +102,53 @@ def test_a_ceiling_is_the_mean_of_every_measurement_and_the_guard_its_worst_roun
     ]
     # A failed guard is worse than one that agrees on fewer images (3/4 but ok).
     assert (result["accuracy"]["ok"], result["accuracy"]["top1_agree"]) == (False, 4)
+    # Foreign CPU 1 % in every measurement: under the 10 % line.
+    assert (result["foreign_cpu_percent"], result["foreign_load"]) == (1.0, False)
+
+
+def aggregated(*per_round: dict[str, Any]) -> dict[str, Any]:
+    """One level over rounds without ceilings, as results.json has it."""
+    rounds = [{"ceiling_before": None, "ceiling_after": None, "levels": [lvl]} for lvl in per_round]
+    [merged] = aggregate_rung("rung", {}, rounds)["levels"]
+    return merged
+
+
+def test_foreign_load_is_the_worst_round_and_flags_from_10_percent():
+    quiet, busy = level(10.0, 100.0, 50.0, None, {}, foreign=2.0), level(12.0, 100.0, 90.0, None, {}, foreign=37.0)
+    flagged = aggregated(quiet, busy)
+    # The median rate (11) takes the busy round in: the level is flagged with its 37 %.
+    assert (flagged["foreign_cpu_percent"], flagged["foreign_load"]) == (37.0, True)
+    assert flags(flagged) == ["foreign load 37%"]
+    under, at_line = (level(10.0, 100.0, 50.0, None, {}, foreign=share) for share in (9.9, 10.0))
+    assert (aggregated(under)["foreign_load"], aggregated(at_line)["foreign_load"]) == (False, True)
+    # A --url run cannot tell the server's CPU from foreign CPU: unknown, not flagged.
+    unknown = aggregated(level(10.0, 100.0, 50.0, None, {}, foreign=None))
+    assert (unknown["foreign_cpu_percent"], unknown["foreign_load"], flags(unknown)) == (None, False, [])
+
+
+def test_a_ceiling_measured_under_foreign_load_is_flagged():
+    rounds = [
+        {
+            "ceiling_before": ceiling({1: 100.0}, {1: 50.0}, top1=4, foreign=3.0),
+            "ceiling_after": ceiling({1: 60.0}, {1: 30.0}, top1=4, foreign=45.5),
+            "levels": [level(10.0, 100.0, 50.0, None, {})],
+        }
+    ]
+    result = aggregate_rung("baseline", {}, rounds)["ceiling"]
+    assert (result["foreign_cpu_percent"], result["foreign_load"]) == (45.5, True)
+
+
+def test_too_few_completions_or_a_window_under_5_latencies_in_any_round():
+    # level(): a 2 s window with ok = 2 × req/s. 10 req/s → 20 ok, p50 400 ms → 2 s = 5 × p50: enough.
+    enough = level(10.0, 400.0, 50.0, None, {})
+    few = level(9.5, 100.0, 50.0, None, {})  # 19 ok
+    slow = level(40.0, 401.0, 50.0, None, {})  # 80 ok, but 2 s < 5 × 401 ms
+    nothing = level(0.0, 0.0, 50.0, None, {"503": 3}) | {
+        "latency_ms": {"p50": None, "p90": None, "p99": None, "max": None}
+    }
+    verdicts = [aggregated(*rounds)["too_few"] for rounds in ([enough], [few], [slow], [nothing], [enough, few])]
+    assert verdicts == [False, True, True, True, True]
+    assert flags(aggregated(enough, slow)) == ["too few completions"]
 
 
 def run(model: list[float], pipeline: list[float], served: list[float]) -> dict[str, Any]:

@@ -9,9 +9,11 @@ import torch
 
 from timmserve.backends import (
     AUTO_CANDIDATES,
+    BACKENDS,
     BackendSpec,
     agreement,
-    check_backend,
+    auto_candidates,
+    check_supported,
     choose_backend,
     create_backend,
     openvino_capabilities,
@@ -86,9 +88,10 @@ def test_artifacts_are_cached_by_weights(name, model, inputs, tmp_path):
 
 
 def test_auto_measures_every_candidate_and_keeps_one_that_agrees(model, inputs, tmp_path):
-    name, trials = choose_backend(model, spec(tmp_path), inputs, seconds=0.2)
-    assert [t.name for t in trials] == list(AUTO_CANDIDATES)
-    chosen = next(t for t in trials if t.name == name)
+    candidates = auto_candidates("auto", "fp32", torch.device("cpu"))
+    assert candidates == [(name, "fp32") for name in AUTO_CANDIDATES]
+    chosen, trials = choose_backend(model, spec(tmp_path), inputs, candidates, seconds=0.2)
+    assert [(t.name, t.precision) for t in trials] == candidates
     assert chosen.agreement.ok
     assert chosen.img_per_s == max(t.img_per_s for t in trials if t.agreement and t.agreement.ok)
 
@@ -107,16 +110,37 @@ def test_bf16_is_within_its_tolerance_but_not_fp32s(model, inputs, reference, tm
     assert not torch.equal(logits, reference)
 
 
-def test_impossible_combinations_are_one_clear_error():
-    with pytest.raises(ModelLoadError, match="onnxruntime runs fp32"):
-        check_backend("onnxruntime", torch.device("cpu"), "bf16")
-    with pytest.raises(ModelLoadError, match="openvino runs on the CPU"):
-        check_backend("openvino", torch.device("cuda"), "fp32")
+def test_impossible_combinations_are_one_clear_error_naming_what_would_run():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with pytest.raises(ModelLoadError, match="^fp16 needs a CUDA device; on CPU use bf16 or fp32$"):
+        check_supported("auto", cpu, "fp16")
+    with pytest.raises(ModelLoadError, match="^fp16 needs a CUDA device"):
+        check_supported("eager", cpu, "fp16")
+    with pytest.raises(
+        ModelLoadError, match="^--backend onnxruntime runs fp32 or fp16; for bf16 use eager, compile, openvino$"
+    ):
+        check_supported("onnxruntime", cpu, "bf16")
+    with pytest.raises(
+        ModelLoadError, match="^--backend openvino runs on cpu; on cuda use eager, compile, onnxruntime$"
+    ):
+        check_supported("openvino", cuda, "fp32")
+    check_supported("auto", cpu, "bf16")  # auto keeps whichever candidates run bf16 here
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # said before any export
         with pytest.raises(ModelLoadError, match="no CUDA provider"):
-            check_backend("onnxruntime", torch.device("cuda"), "fp32")
+            check_supported("onnxruntime", cuda, "fp32")
     if "BF16" not in openvino_capabilities():
         with pytest.raises(ModelLoadError, match="no native bf16"):
-            check_backend("openvino", torch.device("cpu"), "bf16")
+            check_supported("openvino", cpu, "bf16")
+
+
+def test_the_registry_is_the_one_list_of_backends():
+    from typing import get_args
+
+    from timmserve.config import Backend
+
+    assert set(get_args(Backend)) == {*BACKENDS, "auto"}
+    assert AUTO_CANDIDATES == ("eager", "onnxruntime", "openvino")  # compile: minutes per worker start
+    missing = [name for name, kind in BACKENDS.items() if not kind.installed()]
+    assert missing == []  # the dev extra installs every backend's package

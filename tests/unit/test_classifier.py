@@ -30,6 +30,19 @@ def make_classifier(loaded, precision="fp32", decode_threads=2, backend="eager")
     )
 
 
+def spy_on_backend(classifier: Classifier) -> list[tuple[int, ...]]:
+    """Wrap the classifier's backend; the list returned fills with the shape of each batch it runs."""
+    shapes: list[tuple[int, ...]] = []
+    backend = classifier.backend
+
+    def spy(batch: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(batch.shape))
+        return backend(batch)
+
+    classifier.backend = spy
+    return shapes
+
+
 def test_build_classifier_checks_the_label_count():
     config = ServeConfig(model="test_efficientnet", random_weights=True)
     with pytest.raises(ModelLoadError, match="1000 classes but 3 labels"):
@@ -38,16 +51,21 @@ def test_build_classifier_checks_the_label_count():
 
 def test_a_bad_item_fails_only_its_own_slot(builtin, photos):
     classifier = make_classifier(builtin)
+    batches = spy_on_backend(classifier)
     requests = [ImageRequest(photos["cat"], 3), ImageRequest(b"garbage", 3), ImageRequest(photos["espresso"], 1)]
     cat, bad, espresso = classifier.classify(requests)
     assert cat[0].label in CAT_LABELS and len(cat) == 3
     assert isinstance(bad, InvalidImageError) and bad.status_code == 400
     assert [p.label for p in espresso] == ["espresso"]
+    assert [shape[0] for shape in batches] == [2]  # the good two, as one batch
 
 
 def test_all_bad_batch_never_calls_the_model(builtin):
-    results = make_classifier(builtin).classify([ImageRequest(b"", 5), ImageRequest(b"nope", 5)])
+    classifier = make_classifier(builtin)
+    batches = spy_on_backend(classifier)
+    results = classifier.classify([ImageRequest(b"", 5), ImageRequest(b"nope", 5)])
     assert all(isinstance(r, InvalidImageError) for r in results)
+    assert batches == []
 
 
 def test_alone_and_batched_agree(builtin, photos):
@@ -80,8 +98,12 @@ def test_bf16_stays_close_to_fp32_on_real_photos(builtin, photos):
             assert by_label.get(p.label, 0.0) == pytest.approx(p.probability, abs=0.05)
 
 
-def test_warm_up_runs_each_batch_size(builtin):
-    make_classifier(builtin).warm_up([1, 3])  # raises if a shape is wrong
+def test_warm_up_runs_the_model_once_per_batch_size_asked_for(builtin):
+    classifier = make_classifier(builtin)
+    batches = spy_on_backend(classifier)
+    classifier.warm_up([1, 3])
+    input_size = tuple(builtin.info.data_config["input_size"])
+    assert batches == [(1, *input_size), (3, *input_size)]
 
 
 def test_warm_up_covers_every_batch_size_the_server_forms_on_cuda(builtin, tmp_path):

@@ -54,7 +54,7 @@ def test_flags_win_over_the_config_file_which_wins_over_defaults(tmp_path):
     path.write_text('max-batch-size = 32\nprecision = "bf16"\nport = 9000\ntop_k = 3\n')
     ctx = serve.make_context("serve", ["--config", str(path), "--port", "9100", "--top-k", "5"])
     config = _serve_config(ctx, path, {k: v for k, v in ctx.params.items() if k != "config_file"})
-    assert (config.max_batch_size, config.precision, config.port, config.decode_threads) == (32, "bf16", 9100, 2)
+    assert (config.max_batch_size, config.precision, config.port, config.decode_threads) == (32, "bf16", 9100, None)
     assert config.top_k == 5  # given on the command line, so it wins even though it is the default
 
 
@@ -103,7 +103,9 @@ def test_option_help_types_and_defaults_come_from_the_schema():
     assert params.keys() == ServeConfig.model_fields.keys()
     for name, field in ServeConfig.model_fields.items():
         assert params[name].help == field.description
-    assert params["precision"].type.choices == ("fp32", "fp16", "bf16") and params["precision"].default == "fp32"
+    assert (
+        params["precision"].type.choices == ("auto", "fp32", "fp16", "bf16") and params["precision"].default == "auto"
+    )
     assert params["devices"].show_default == "all of the accelerator's"
     fast_decode, channels_last = params["fast_decode"], params["channels_last"]
     assert (fast_decode.opts, fast_decode.secondary_opts) == (["--fast-decode"], ["--no-fast-decode"])

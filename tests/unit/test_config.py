@@ -18,16 +18,13 @@ from timmserve.startup import resolve_machine
         ({"host": "10.0.0.1"}, "host must be one of"),
         ({"checkpoint": Path("w.safetensors")}, "--model ARCH --checkpoint FILE"),
         ({"model": "resnet18", "checkpoint": Path("w.pth"), "random_weights": True}, "contradict"),
-        ({"precision": "fp16", "accelerator": "cpu"}, "fp16 needs a CUDA device"),
         ({"batch_timeout": -1}, "batch_timeout must be a number ≥ 0 and ≤ 10"),
         ({"grace_period": -1}, "grace_period must be a number ≥ 0 and ≤ 3600"),
         ({"log_format": "xml"}, "log_format must be one of text, json"),
         ({"api_key_env": " "}, "needs a variable name"),
         ({"engine": "triton"}, "engine must be one of"),
         ({"backend": "tensorrt"}, "backend must be one of"),
-        ({"backend": "openvino", "accelerator": "cuda"}, "openvino runs on the CPU"),
         ({"ray_address": "auto"}, "need --engine ray"),
-        ({"engine": "ray", "workers_per_device": 2, "ray_max_replicas": 1}, "at least the starting replica count"),
     ],
 )
 def test_invalid_settings_are_one_clear_error(kwargs, words):
@@ -45,13 +42,33 @@ def test_from_mapping_accepts_dashes_and_rejects_unknown_keys():
 
 
 def test_the_machine_is_resolved_once_threads_shared_between_all_workers(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("timmserve.startup.usable_cores", lambda: 8)
     resolved = resolve_machine(ServeConfig(accelerator="cpu", workers_per_device=2))
     assert (resolved.accelerator, resolved.devices, resolved.torch_threads) == ("cpu", 1, 4)
     assert resolve_machine(ServeConfig(accelerator="cpu", workers_per_device=16)).torch_threads == 1
     assert resolve_machine(ServeConfig(accelerator="cpu", torch_threads=3, workers_per_device=2)).torch_threads == 3
     with pytest.raises(ModelLoadError, match="--devices 2 was asked for, but torch sees 1 cpu device"):
         resolve_machine(ServeConfig(accelerator="cpu", devices=2))
+    with pytest.raises(ConfigError, match="--ray-max-replicas 1 is below the starting replica count 2"):
+        resolve_machine(ServeConfig(accelerator="cpu", engine="ray", workers_per_device=2, ray_max_replicas=1))
+
+
+def test_the_machine_rule_fills_what_the_config_leaves_unset(monkeypatch):
+    """CPU: one single-threaded worker per usable core (at most 8), batches of 16, one decode
+    thread; CUDA: two workers per device, batches of 64, four decode threads; a pinned value stays."""
+    monkeypatch.setattr("timmserve.startup.usable_cores", lambda: 4)
+    cpu = resolve_machine(ServeConfig(accelerator="cpu"))
+    assert (cpu.workers_per_device, cpu.torch_threads, cpu.max_batch_size, cpu.decode_threads) == (4, 1, 16, 1)
+    monkeypatch.setattr("timmserve.startup.usable_cores", lambda: 32)
+    assert resolve_machine(ServeConfig(accelerator="cpu")).workers_per_device == 8
+    pinned = resolve_machine(ServeConfig(accelerator="cpu", workers_per_device=1, max_batch_size=1, decode_threads=3))
+    assert (pinned.workers_per_device, pinned.torch_threads, pinned.max_batch_size, pinned.decode_threads) == (
+        1, 32, 1, 3
+    )  # fmt: skip
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    cuda = resolve_machine(ServeConfig(accelerator="cuda"))
+    assert (cuda.devices, cuda.workers_per_device, cuda.max_batch_size, cuda.decode_threads) == (2, 2, 64, 4)
 
 
 def test_config_file_is_toml(tmp_path):
@@ -77,13 +94,13 @@ def test_bench_config_is_json_ready():
 
     values = BenchConfig(images=Path(__file__)).as_dict()
     assert values["concurrency"] == [1, 8, 32, 64] and values["images"] == __file__
-    assert values["serve"]["max_batch_size"] == 8
-    json.dumps(values)
+    assert values["serve"]["max_batch_size"] is None  # the machine's rule, resolved at start
+    assert json.loads(json.dumps(values)) == values  # plain JSON types: no tuple or Path to convert
 
 
 def test_queue_limit_defaults_to_four_batches_per_worker_and_at_least_128():
-    assert ServeConfig().queue_limit() == 128
-    assert ServeConfig(max_batch_size=64, workers_per_device=2).queue_limit() == 512
+    assert ServeConfig(max_batch_size=8, workers_per_device=1, devices=1).queue_limit() == 128
+    assert ServeConfig(max_batch_size=64, workers_per_device=2, devices=1).queue_limit() == 512
     assert ServeConfig(max_queue=3).queue_limit() == 3
     with pytest.raises(ConfigError, match="max_queue must be an integer ≥ 1"):
         ServeConfig(max_queue=0)
@@ -171,7 +188,7 @@ def test_bench_settings_are_validated_like_serve_settings(tmp_path):
 
     config = BenchConfig.from_mapping({"concurrency": [2, 4], "rates": [5], "images": str(tmp_path)})
     assert config.concurrency == (2, 4) and config.rates == (5.0,) and config.images == tmp_path
-    assert BenchConfig.from_mapping(QUICK).ladder == ("baseline", "best")
+    assert BenchConfig.from_mapping(QUICK).ladder == ("baseline", "best", "default")
     for values, message in [
         ({"concurrency": [0, 8]}, "concurrency must be a list, each an integer > 0 (got [0, 8])"),
         ({"concurrency": [1.5]}, "concurrency must be a list, each an integer > 0 (got [1.5])"),

@@ -32,7 +32,11 @@ def test_rungs_are_cumulative_on_top_of_the_shared_settings(bf16_cpu):
     assert ladder.config("precision").precision == "bf16"
     assert (baseline.backend, baseline.fast_decode) == ("eager", False)  # the original deployment
     assert (ladder.config("backend").backend, ladder.config("decode").fast_decode) == ("auto", True)
-    assert all(ladder.config(n).top_k == 3 and ladder.config(n).model == "test_efficientnet" for n in ladder.names[:-1])
+    assert all(
+        ladder.config(n).top_k == 3 and ladder.config(n).model == "test_efficientnet"
+        for n in ladder.names
+        if n != "best"
+    )
 
 
 def test_best_is_the_fastest_rung_plus_what_was_not_measured(bf16_cpu):
@@ -96,3 +100,22 @@ def test_the_ray_rung_serves_the_rungs_before_it_on_ray_and_is_never_in_best(avx
     ladder.decide_best({"batching": 10.0, "workers": 20.0, "ray": 40.0})
     assert "ray" not in ladder.best_from + ladder.best_left_out
     assert ladder.config("best").engine == "litserve"
+
+
+def test_the_reference_rung_serves_the_rungs_before_it_without_batching_and_is_never_in_best(avx2_cpu):
+    first = Ladder(BenchConfig(serve=BASE, ladder=("reference", "baseline", "batching", "workers", "best")), "cpu")
+    assert first.config("reference") == first.config("baseline")  # first in the ladder: baseline's knobs
+    later = Ladder(BenchConfig(serve=BASE, ladder=("baseline", "batching", "workers", "reference", "decode")), "cpu")
+    reference = later.config("reference")
+    assert (reference.max_batch_size, reference.workers_per_device, reference.top_k) == (1, 2, 3)
+    assert later.config("decode").max_batch_size == 64  # its knob is its own: the rungs after it still batch
+    first.decide_best({"reference": 100.0, "baseline": 10.0, "batching": 20.0, "workers": 15.0})
+    assert "reference" not in first.best_from + first.best_left_out
+    assert first.best_left_out == ["workers"] and first.config("best").max_batch_size == 64
+
+
+def test_the_default_rung_is_serve_as_it_comes_never_part_of_best():
+    ladder = Ladder(BenchConfig(serve=BASE, ladder=("baseline", "workers", "default", "best")), "cpu")
+    assert ladder.config("default") == BASE  # no baseline knobs: the machine rule and auto decide
+    ladder.decide_best({"baseline": 10.0, "workers": 20.0, "default": 99.0})
+    assert "default" not in ladder.best_from and ladder.config("best").workers_per_device == 2

@@ -16,16 +16,6 @@ from litserve.utils import LitAPIStatus, LoopResponseType, WorkerSetupStatus
 from timmserve import litserve_internals
 
 
-class RecordingTransport:
-    """The slice of LitServe's MessageTransport a loop uses: `send(item, consumer_id)`."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[object, int]] = []
-
-    def send(self, item: object, consumer_id: int) -> None:
-        self.sent.append((item, consumer_id))
-
-
 def test_the_pinned_version_is_installed():
     assert ls.__version__ == "0.2.19", "litserve_internals was written against 0.2.19: re-check each touch point"
 
@@ -48,11 +38,10 @@ def test_the_stop_signal_ends_the_loop():
     assert "_SENTINEL_VALUE" in source and "_StopLoopError" in source
 
 
-def test_a_start_message_tells_the_api_server_which_worker_holds_the_request():
+def test_a_start_message_tells_the_api_server_which_worker_holds_the_request(transport):
     loop = LitLoop()
     loop._worker_id = 1  # set from LITSERVE_WORKER_ID in a real worker
     loop._restart_workers = True  # LitLoop sends START only when workers are restarted on death
-    transport = RecordingTransport()
     litserve_internals.send_start(loop, transport, response_queue_id=0, uid="uid-1")
     [(message, consumer)] = transport.sent
     assert consumer == 0

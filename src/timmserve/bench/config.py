@@ -10,11 +10,24 @@ from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_v
 from timmserve.config import ServeConfig
 from timmserve.settings import AnyPath, ListOf, Settings, check, setting
 
-LADDER: tuple[str, ...] = ("baseline", "batching", "workers", "precision", "backend", "decode", "best")
+LADDER: tuple[str, ...] = (
+    "baseline",
+    "batching",
+    "workers",
+    "precision",
+    "backend",
+    "decode",
+    "reference",
+    "best",
+    "default",
+)
+# The serve settings that say which model a bench run serves: bench options too, and always in a
+# config that `--write-config` writes.
+MODEL_SETTINGS = ("model", "checkpoint", "random_weights", "labels")
 
 # `--quick`, in place of the defaults below: about two minutes, baseline against best, short timings.
 QUICK: dict[str, Any] = {
-    "ladder": ("baseline", "best"),
+    "ladder": ("baseline", "best", "default"),
     "concurrency": (1, 8),
     "duration": 2.0,
     "warmup": 1.0,
@@ -53,6 +66,12 @@ class BenchConfig(Settings):
     url: str | None = setting(None, "Measure this running server instead (no ladder; ceilings only with --model).")
     client_processes: int = setting(1, "Load-generator processes (when one cannot drive the server).", ge=1)
     request_timeout: float = setting(120.0, "Client-side seconds per request.", gt=0)
+    write_config: AnyPath | None = setting(
+        None,
+        "Write the winning rung as a `timmserve serve --config` file: best, else the fastest rung not marked "
+        "at the highest concurrency.",
+        metavar="FILE",
+    )
     rung_overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Rung knobs from a config file's [rungs.NAME] tables: override a built-in rung or add one.",
@@ -73,4 +92,5 @@ class BenchConfig(Settings):
     @model_validator(mode="after")
     def _some_load(self) -> BenchConfig:
         check(bool(self.concurrency) or bool(self.rates), "give at least one concurrency or rate")
+        check(self.write_config is None or self.url is None, "--write-config needs a ladder; --url measures no rung")
         return self

@@ -1,8 +1,11 @@
 """CPU and GPU use, sampled through a level in a background thread.
 
 CPU figures are percent of the whole machine (all cores = 100): the machine, the server's process
-tree (API servers, workers, their helpers) and the load generator's own process tree. GPU figures
-come from NVML (nvidia-ml-py) per device; without a GPU or NVML they are None.
+tree (API servers, workers, their helpers), the load generator's own process tree (this bench
+process and its load processes), and what is left: foreign CPU, used by processes that are none
+of these (another program, another user's job), which the bench did not cause and which makes a
+measurement not the machine's own. GPU figures come from NVML (nvidia-ml-py) per device; without a
+GPU or NVML they are None.
 """
 
 from __future__ import annotations
@@ -17,8 +20,13 @@ import psutil
 
 
 class Monitor:
-    def __init__(self, server_pid: int | None = None, *, interval: float = 0.25) -> None:
+    def __init__(self, server_pid: int | None = None, *, unseen_server: bool = False, interval: float = 0.25) -> None:
+        """`server_pid`: the root of the server's process tree; None when no server runs (the
+        ceilings) or when it is not ours: `unseen_server` (a `--url` run) says so, and then foreign
+        CPU is None, as the server's CPU cannot be told apart from it. `interval`: seconds between
+        samples."""
         self.interval = interval
+        self._unseen_server = unseen_server
         self._trees = {"server": server_pid, "client": os.getpid()}
         self._processes: dict[int, psutil.Process] = {}
         self._samples: dict[str, list[tuple[float, float]]] = {
@@ -44,7 +52,8 @@ class Monitor:
         self._thread.join()
 
     def summary(self, window: tuple[float, float] | None = None) -> dict[str, Any]:
-        """Means over the samples taken inside `window` (wall-clock start, end); all if None."""
+        """Means over the samples taken inside `window` (wall-clock start, end); all if None. CPU
+        in % of the machine; foreign CPU = machine − server tree − load generator tree, ≥ 0."""
         start, end = window or (float("-inf"), float("inf"))
 
         def values(key: str) -> list[float]:
@@ -53,10 +62,16 @@ class Monitor:
         def mean(key: str) -> float | None:
             return round(fmean(values(key)), 1) if values(key) else None
 
+        machine, server, client = mean("cpu"), mean("server"), mean("client")
+        foreign = None
+        if machine is not None and client is not None and not self._unseen_server:
+            # Each part is sampled over slightly different instants: noise either way, hence ≥ 0.
+            foreign = round(max(0.0, machine - (server or 0.0) - client), 1)
         return {
-            "cpu_percent": mean("cpu"),
-            "server_cpu_percent": mean("server") if self._trees["server"] else None,
-            "client_cpu_percent": mean("client"),
+            "cpu_percent": machine,
+            "server_cpu_percent": server if self._trees["server"] else None,
+            "client_cpu_percent": client,
+            "foreign_cpu_percent": foreign,
             "gpu_percent": mean("gpu"),
             "gpu_memory_mb": max(values("gpu_mem")) if values("gpu_mem") else None,
             "samples": len(values("cpu")),
@@ -64,19 +79,23 @@ class Monitor:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            now = time.time()
-            self._samples["cpu"].append((now, psutil.cpu_percent(interval=None)))
-            server, client = self._sample_trees()
-            if self._trees["server"]:
-                self._samples["server"].append((now, server))
-            self._samples["client"].append((now, client))
-            if self._gpus:
-                import pynvml
+            self._sample()
+        self._sample()  # the part since the last one: a window shorter than `interval` has a sample too
 
-                utilisation = fmean(pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._gpus)
-                used = sum(pynvml.nvmlDeviceGetMemoryInfo(h).used for h in self._gpus)
-                self._samples["gpu"].append((now, utilisation))
-                self._samples["gpu_mem"].append((now, round(used / 2**20)))
+    def _sample(self) -> None:
+        now = time.time()
+        self._samples["cpu"].append((now, psutil.cpu_percent(interval=None)))
+        server, client = self._sample_trees()
+        if self._trees["server"]:
+            self._samples["server"].append((now, server))
+        self._samples["client"].append((now, client))
+        if self._gpus:
+            import pynvml
+
+            utilisation = fmean(pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._gpus)
+            used = sum(pynvml.nvmlDeviceGetMemoryInfo(h).used for h in self._gpus)
+            self._samples["gpu"].append((now, utilisation))
+            self._samples["gpu_mem"].append((now, round(used / 2**20)))
 
     def _sample_trees(self) -> tuple[float, float]:
         """CPU % (of the machine) since the last call: the server's process tree, and this

@@ -1,4 +1,5 @@
-"""A `timmserve serve` subprocess on 127.0.0.1: started, waited for until healthy, stopped by PID."""
+"""A server subprocess on 127.0.0.1 — `timmserve serve`, or the reference server that takes the
+same flags — started, waited for until healthy, stopped by PID."""
 
 from __future__ import annotations
 
@@ -9,12 +10,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 
 from timmserve.config import ServeConfig
 from timmserve.errors import TimmServeError
+
+# What `python -m` runs: the server, or the `reference` rung's naive one (bench/reference.py).
+SERVE = ("timmserve", "serve")
+REFERENCE_SERVER = ("timmserve.bench.reference",)
 
 
 def free_port() -> int:
@@ -24,23 +30,26 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`timmserve serve ARGS` on a free loopback port, in its own session so that a stuck shutdown
-    can be ended for this server's processes only."""
+    """`timmserve serve ARGS` (or another `program` taking `--host` and `--port`) on a free
+    loopback port, in its own session so that a stuck shutdown can be ended for this server's
+    processes only."""
 
-    def __init__(self, args: list[str], *, startup_timeout: float = 300.0) -> None:
+    def __init__(self, args: list[str], *, program: Sequence[str] = SERVE, startup_timeout: float = 300.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         log = tempfile.NamedTemporaryFile("w", prefix=f"timmserve-{self.port}-", suffix=".log", delete=False)
         self.log_path = Path(log.name)
         self._log = log
         # Given last, so they win over the same flags in `args`.
-        command = [sys.executable, "-m", "timmserve", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [sys.executable, "-m", *program, *args, "--host", "127.0.0.1", "--port", str(self.port)]
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_healthy(startup_timeout)
 
     @classmethod
-    def from_config(cls, config: ServeConfig, **kwargs: float) -> ServerProcess:
-        return cls(config.to_cli_args(), **kwargs)
+    def from_config(
+        cls, config: ServeConfig, *, program: Sequence[str] = SERVE, startup_timeout: float = 300.0
+    ) -> ServerProcess:
+        return cls(config.to_cli_args(), program=program, startup_timeout=startup_timeout)
 
     @property
     def pid(self) -> int:

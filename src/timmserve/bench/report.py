@@ -8,6 +8,14 @@ from typing import Any
 
 import matplotlib
 
+from timmserve.bench.aggregate import (
+    FOREIGN_LOAD_SHARE,
+    MIN_COMPLETIONS,
+    MIN_WINDOW_LATENCIES,
+    best_pipeline_run,
+    flags,
+)
+
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -57,21 +65,33 @@ def to_markdown(results: dict[str, Any], plots: list[str]) -> str:
         "## Served",
         "",
         "req/s is the median over rounds (min–max). Efficiency = req/s ÷ the rung's best model ceiling; "
-        "vs best = req/s ÷ the best decode+model pipeline ceiling in this run. CPU % is of the whole machine.",
+        "vs best = req/s ÷ the best decode+model pipeline ceiling in this run. CPU % is of the whole machine; "
+        "foreign CPU is what processes other than the server, the load generator and the bench used (the "
+        "worst round).",
         "",
-        "| rung | level | req/s | p50 ms | p99 ms | server CPU % | machine CPU % | GPU % | efficiency "
-        "| vs best | non-200 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Marked levels are not compared anywhere in this report: client-bound; foreign load (≥ "
+        f"{FOREIGN_LOAD_SHARE:g}% of the machine used by other processes in some round); too few completions (in "
+        f"some round fewer than {MIN_COMPLETIONS}, or a window shorter than {MIN_WINDOW_LATENCIES}× the p50 "
+        "latency). n/c: not comparable — the level, or the ceiling the ratio divides by, is marked.",
+        "",
+        "| rung | level | req/s | p50 ms | p99 ms | server CPU % | machine CPU % | foreign CPU % | GPU % "
+        "| efficiency | vs best | non-200 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    best_pipeline = best_pipeline_run(results["runs"])
     for run in results["runs"]:
         for level in run["levels"]:
             non_200 = sum(level["errors"].values()) + level["timeouts"]
-            flag = " (client-bound)" if level["client_bound"] else ""
+            reasons = flags(level)
+            marked = f" ({', '.join(reasons)})" if reasons else ""
+            efficiency = _ratio(level["efficiency"], bool(reasons) or _ceiling_flagged(run))
+            vs_best = _ratio(level["efficiency_vs_best"], bool(reasons) or _ceiling_flagged(best_pipeline))
             lines.append(
-                f"| {run['name']} | {_level_name(level)} | {_range(level, 'req_per_s')}{flag} "
+                f"| {run['name']} | {_level_name(level)} | {_range(level, 'req_per_s')}{marked} "
                 f"| {_num(level['latency_ms']['p50'])} | {_num(level['latency_ms']['p99'])} "
-                f"| {_num(level['server_cpu_percent'])} | {_num(level['cpu_percent'])} | {_num(level['gpu_percent'])} "
-                f"| {_pct(level['efficiency'])} | {_pct(level['efficiency_vs_best'])} | {non_200} |"
+                f"| {_num(level['server_cpu_percent'])} | {_num(level['cpu_percent'])} "
+                f"| {_num(level.get('foreign_cpu_percent'))} | {_num(level['gpu_percent'])} "
+                f"| {efficiency} | {vs_best} | {non_200} |"
             )
     lines += _ceiling_table(results) + _accuracy_table(results) + _comparisons(results) + _best_section(results)
     lines += ["", "## Plots", ""] + [f"![{name[:-4]}]({name})" for name in plots]
@@ -87,18 +107,25 @@ def _ceiling_table(results: dict[str, Any]) -> list[str]:
         "## Ceilings",
         "",
         "In-process images/s, same config as the server, no server running: the mean of the measurements right "
-        "before and right after each round of the rung (min–max).",
+        "before and right after each round of the rung (min–max); foreign CPU: the most other processes used "
+        f"during any of them (≥ {FOREIGN_LOAD_SHARE:g}%: marked, and no efficiency divides by it).",
         "",
-        "| rung | batch size | model | decode + model pipeline |",
-        "|---|---|---|---|",
+        "| rung | batch size | model | decode + model pipeline | foreign CPU % |",
+        "|---|---|---|---|---|",
     ]
     for run in runs:
+        foreign = _num(run["ceiling"].get("foreign_cpu_percent")) + (" (foreign load)" if _ceiling_flagged(run) else "")
         for model_row, pipeline_row in zip(run["ceiling"]["model"], run["ceiling"]["pipeline"]):
             lines.append(
                 f"| {run['name']} | {model_row['batch_size']} | {_range(model_row, 'img_per_s')} "
-                f"| {_range(pipeline_row, 'img_per_s')} |"
+                f"| {_range(pipeline_row, 'img_per_s')} | {foreign} |"
             )
     return lines
+
+
+def _ceiling_flagged(run: dict[str, Any] | None) -> bool:
+    """The run's ceiling was measured under foreign load (False for a results.json from before the flag)."""
+    return bool(run and run["ceiling"] and run["ceiling"].get("foreign_load"))
 
 
 def _accuracy_table(results: dict[str, Any]) -> list[str]:
@@ -130,15 +157,36 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
     runs = {run["name"]: run for run in results["runs"]}
     names = list(runs)
     pairs = list(zip(names, names[1:]))
-    if "baseline" in runs and "best" in runs and ("baseline", "best") not in pairs:
-        pairs.append(("baseline", "best"))
+    # best against where the ladder starts, and against the naive server: does the design pay?
+    for start in ("baseline", "reference"):
+        if start in runs and "best" in runs and (start, "best") not in pairs:
+            pairs.append((start, "best"))
     if not pairs:
         return []
-    lines = ["", "## Differences", "", "Where the min–max ranges over rounds overlap: no difference.", ""]
+    lines = [
+        "",
+        "## Differences",
+        "",
+        "Where the min–max ranges over rounds overlap: no difference. A marked level is compared with nothing.",
+        "",
+    ]
     for before, after in pairs:
-        verdicts = [f"{_level_name(a)}: {verdict(a, b)}" for a, b in zip(runs[before]["levels"], runs[after]["levels"])]
+        verdicts = [
+            f"{_level_name(a)}: {_compare(before, a, after, b)}"
+            for a, b in zip(runs[before]["levels"], runs[after]["levels"])
+        ]
         lines.append(f"- {after} vs {before}: " + "; ".join(verdicts))
     return lines
+
+
+def _compare(before_name: str, before: dict[str, Any], after_name: str, after: dict[str, Any]) -> str:
+    """The verdict on one level of two rungs, or why there is none."""
+    marked = [
+        f"{reason} during {name} {_level_name(level)}"
+        for name, level in ((before_name, before), (after_name, after))
+        for reason in flags(level)
+    ]
+    return f"not comparable: {', '.join(marked)}" if marked else verdict(before, after)
 
 
 def verdict(before: dict[str, Any], after: dict[str, Any]) -> str:
@@ -287,6 +335,11 @@ def _num(value: float | None) -> str:
 
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.0%}"
+
+
+def _ratio(value: float | None, not_comparable: bool) -> str:
+    """An efficiency, or n/c when the level or the ceiling it divides by is marked."""
+    return "n/c" if not_comparable and value is not None else _pct(value)
 
 
 def _count(value: int | None) -> str:

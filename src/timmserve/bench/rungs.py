@@ -7,6 +7,10 @@ plus the knobs of rungs the run did not measure; rungs after the fastest one are
 interact, so a rung is never judged alone: batching to 64 lost with eager PyTorch on this CPU (its
 batch of 64 runs slower per image than a batch of 8) and is part of the fastest rung with ONNX
 Runtime.
+
+Two rungs serve the knobs of the rungs before them another way, to compare with the rung right
+before them and with `best`: `ray` (Ray Serve) and `reference` (the naive server, reference.py).
+Their own knobs are theirs alone, and they are never part of `best`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from timmserve.errors import ConfigError
 BASELINE = "baseline"
 BEST = "best"
 RAY = "ray"
+REFERENCE = "reference"
+DEFAULT = "default"
+# Not cumulative, never in best: another server for the rungs before them, or serve's own defaults.
+SIDE_RUNGS = (RAY, REFERENCE, DEFAULT)
 
 
 def built_in_rungs(accelerator: str) -> dict[str, dict[str, Any]]:
@@ -48,6 +56,12 @@ def built_in_rungs(accelerator: str) -> dict[str, dict[str, Any]]:
         # An engine, not an optimisation: the knobs of the rungs before it, served by Ray Serve, so
         # it compares with the LitServe rung right before it. Never part of `best`.
         RAY: {"engine": "ray"},
+        # The naive server: the model called in the request handler, one image per call; the
+        # workers, backend, precision and threads of the rungs before it. Never part of `best`.
+        REFERENCE: {"max_batch_size": 1},
+        # `timmserve serve` as it comes: the shared settings only, everything else the machine rule
+        # and `auto` decide (startup.resolve_machine, classifier.resolve_auto). Never part of `best`.
+        DEFAULT: {},
     }
 
 
@@ -87,14 +101,18 @@ class Ladder:
 
     def config(self, name: str) -> ServeConfig:
         """The rung's ServeConfig: the shared settings plus baseline's knobs and those of every
-        rung up to `name` in the ladder. Raises RuntimeError for `best` before `decide_best`."""
+        rung up to `name` in the ladder (a side rung's knobs only for itself). Raises RuntimeError
+        for `best` before `decide_best`."""
         if name == BEST:
             if self.best_knobs is None:
                 raise RuntimeError("best is decided after the first round's other rungs")
             return self.base.replace(**self.best_knobs)
+        if name == DEFAULT:
+            return self.base.replace(**self.rungs[DEFAULT])
         knobs = dict(self.rungs[BASELINE])  # the starting point, even when not in the ladder
         for rung in (n for n in self.names if n != BEST):
-            knobs.update(self.rungs[rung])
+            if rung == name or rung not in SIDE_RUNGS:
+                knobs.update(self.rungs[rung])
             if rung == name:
                 break
         return self.base.replace(**knobs)
@@ -104,10 +122,10 @@ class Ladder:
         measured rung carries the knobs of every rung before it: `best` is that configuration plus
         the knobs of the rungs this run did not measure (nothing says they lose); the rungs measured
         after the fastest one only made it slower and are left out."""
-        measured = [n for n in self.names if n in peaks and n not in (RAY, BEST)]
+        measured = [n for n in self.names if n in peaks and n not in (*SIDE_RUNGS, BEST)]
         kept = measured[: measured.index(max(measured, key=peaks.__getitem__)) + 1] if measured else []
         self.best_left_out = [n for n in measured if n not in kept]
-        self.best_from = [n for n in self.rungs if n not in (BASELINE, RAY, *self.best_left_out)]
+        self.best_from = [n for n in self.rungs if n not in (BASELINE, *SIDE_RUNGS, *self.best_left_out)]
         knobs = dict(self.rungs[BASELINE])
         for name in self.best_from:
             knobs.update(self.rungs[name])

@@ -26,13 +26,13 @@ from timmserve.bench.ceiling import measure_ceilings
 from timmserve.bench.config import BenchConfig
 from timmserve.bench.load import LoadSpec, run_level
 from timmserve.bench.monitor import Monitor
-from timmserve.bench.process import ServerProcess
-from timmserve.bench.rungs import BEST, Ladder
-from timmserve.classifier import Classifier, build_classifier, resolve_backend
+from timmserve.bench.process import REFERENCE_SERVER, SERVE, ServerProcess
+from timmserve.bench.rungs import BEST, REFERENCE, Ladder
+from timmserve.classifier import Classifier, build_classifier, resolve_auto
 from timmserve.config import ServeConfig
 from timmserve.model import load_model
 from timmserve.photos import reference_photos
-from timmserve.startup import resolve_machine
+from timmserve.startup import prepare, resolve_machine
 
 
 @dataclass
@@ -87,7 +87,9 @@ class Runner:
                         ladder.best_knobs["backend"] = self._pick_backend(BEST, ladder.config(BEST))
                 self.log(f"round {round_index + 1}/{self.config.rounds}: {name}")
                 measured[name].append(self._run_rung(name, ladder.config(name), round_index))
-        runs = [Measured(name, ladder.config(name).as_dict(), rounds) for name, rounds in measured.items()]
+        runs = [
+            Measured(name, _reported_config(name, ladder.config(name)), rounds) for name, rounds in measured.items()
+        ]
         notes = {"skipped": ladder.skipped}
         if BEST in ladder.names:
             notes.update({"from": ladder.best_from, "left_out": ladder.best_left_out})
@@ -97,7 +99,7 @@ class Runner:
         """One round against the server already running at `config.url`; the ceilings of
         `config.serve` around it when `measure_ceiling` (the model is known). Raises ModelLoadError
         for a model that does not load here."""
-        serve = self.config.serve
+        serve = prepare(self.config.serve).config if measure_ceiling else self.config.serve
         before = self._ceilings(serve) if measure_ceiling else None
         levels = self._levels("url", self.config.url.rstrip("/"), None)
         after = self._ceilings(serve, best_of=before) if measure_ceiling else None
@@ -114,14 +116,17 @@ class Runner:
 
     def _pick_backend(self, name: str, serve: ServeConfig) -> str:
         torch.set_num_threads(resolve_machine(serve).torch_threads)  # as the rung's workers will run
-        chosen = resolve_backend(serve, load_model(serve), self.device)
+        chosen = resolve_auto(serve, load_model(serve), self.device).backend
         self.log(f"rung {name}: --backend auto chose {chosen}")
         return chosen
 
     def _run_rung(self, name: str, serve: ServeConfig, round_index: int) -> dict[str, Any]:
+        serve = prepare(serve).config  # what the rung's server will run: the machine rule and auto resolved
         before = self._ceilings(serve)
         self.log(f"  {name} r{round_index + 1} ceilings: {_describe_ceilings(before)}")
-        with ServerProcess.from_config(serve.replace(log_level="warning")) as server:
+        program = REFERENCE_SERVER if name == REFERENCE else SERVE
+        with ServerProcess.from_config(serve.replace(log_level="warning"), program=program) as server:
+            self.log(f"  {name} r{round_index + 1} server: python -m {' '.join(program)} on {server.url}")
             levels = self._levels(f"{name} r{round_index + 1}", server.url, server.pid)
         after = self._ceilings(serve, best_of=before)
         return {"ceiling_before": before, "ceiling_after": after, "levels": levels}
@@ -129,7 +134,8 @@ class Runner:
     def _ceilings(self, serve: ServeConfig, best_of: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
         """In this process, with the whole machine (no server running): model and pipeline at each
         batch size up to the rung's max batch size; or, after the levels, again at the batch sizes
-        that were best in `best_of` (so the rung's ceiling is bracketed in time)."""
+        that were best in `best_of` (so the rung's ceiling is bracketed in time). With the accuracy
+        guard, and the CPU % of the machine other processes used meanwhile."""
         sizes = [b for b in self.config.ceiling_batch_sizes if b <= serve.max_batch_size] or [1]
         pipeline_sizes = None
         if best_of is not None:
@@ -138,10 +144,12 @@ class Runner:
         torch.set_num_threads(serve.torch_threads or psutil.cpu_count() or 1)
         classifier, _ = build_classifier(serve, self.labels, self.device)
         try:
-            measured = measure_ceilings(
-                classifier, self.images, sizes, self.config.ceiling_duration, pipeline_batch_sizes=pipeline_sizes
-            )
-            return {**measured, "accuracy": self._accuracy_guard(classifier, serve)}
+            with Monitor() as monitor:
+                measured = measure_ceilings(
+                    classifier, self.images, sizes, self.config.ceiling_duration, pipeline_batch_sizes=pipeline_sizes
+                )
+            foreign = monitor.summary()["foreign_cpu_percent"]
+            return {**measured, "accuracy": self._accuracy_guard(classifier, serve), "foreign_cpu_percent": foreign}
         finally:
             classifier.close()
             del classifier
@@ -162,6 +170,7 @@ class Runner:
         return agreement(self.reference_logits, logits, tolerance).as_dict()
 
     def _levels(self, label: str, url: str, server_pid: int | None) -> list[dict[str, Any]]:
+        """Each level's load, resources and foreign CPU; `server_pid` None: a server not ours (`--url`)."""
         config = self.config
         steps = [("closed", c) for c in config.concurrency] + [("open", r) for r in config.rates]
         results = []
@@ -176,7 +185,7 @@ class Runner:
                 rate=value if mode == "open" else None,
                 timeout=config.request_timeout,
             )
-            with Monitor(server_pid) as monitor:
+            with Monitor(server_pid, unseen_server=server_pid is None) as monitor:
                 stats = self._with_progress(
                     f"{label} {key}={value:g}", partial(run_level, spec, config.client_processes)
                 )
@@ -217,6 +226,14 @@ class Runner:
         if "error" in outcome:
             raise outcome["error"]
         return outcome["value"]
+
+
+def _reported_config(name: str, serve: ServeConfig) -> dict[str, Any]:
+    """A run's config as results.json reports it; the reference rung names its own server."""
+    config = serve.as_dict()
+    if name == REFERENCE:
+        config["engine"] = "reference"  # the knobs are ServeConfig's, the server is not LitServe
+    return config
 
 
 def _fastest(rows: list[dict[str, Any]]) -> dict[str, Any]:

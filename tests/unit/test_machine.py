@@ -1,0 +1,35 @@
+"""What the machine rule reads from the machine: a container's CPU quota, in both cgroup versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from timmserve.machine import cpu_quota
+
+
+def fake_cgroup(tmp_path: Path, memberships: str, files: dict[str, str]) -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "cgroup-of-self").write_text(memberships)
+    return tmp_path / "cgroup-of-self", root
+
+
+def test_a_cgroup_v2_quota_is_read_in_cores(tmp_path):
+    args = fake_cgroup(tmp_path, "0::/kubepods/pod1\n", {"kubepods/pod1/cpu.max": "150000 100000\n"})
+    assert cpu_quota(*args) == 1.5
+    args = fake_cgroup(tmp_path, "0::/kubepods/pod1\n", {"kubepods/pod1/cpu.max": "max 100000\n"})
+    assert cpu_quota(*args) is None
+
+
+def test_a_cgroup_v1_quota_is_read_from_the_processes_own_cpu_cgroup(tmp_path):
+    memberships = "9:memory:/x\n4:cpu,cpuacct:/tsquota\n0::/\n"
+    files = {"cpu/tsquota/cpu.cfs_quota_us": "50000\n", "cpu/tsquota/cpu.cfs_period_us": "100000\n"}
+    assert cpu_quota(*fake_cgroup(tmp_path, memberships, files)) == 0.5
+    files = {"cpu/tsquota/cpu.cfs_quota_us": "-1\n", "cpu/tsquota/cpu.cfs_period_us": "100000\n"}
+    assert cpu_quota(*fake_cgroup(tmp_path, memberships, files)) is None
+
+
+def test_no_cgroup_information_is_no_quota(tmp_path):
+    assert cpu_quota(tmp_path / "missing", tmp_path) is None
