@@ -10,6 +10,7 @@ autoscaling up to `--ray-max-replicas`).
 What Ray does with each setting (the README's engine table says the same):
 - `--max-queue`: Ray's own queue bound at the proxy (`max_queued_requests`), 503 with
   `Retry-After: 1` beyond it; each replica also holds up to two batches (`max_ongoing_requests`).
+  A request with more images than it gets 413, as on the LitServe engine.
 - `--timeout`: 504 from the replica, counted from when a replica takes the request (the time it
   waited in Ray's proxy for a free replica is not counted).
 - `--grace-period`: the drain below, and Ray's `graceful_shutdown_timeout_s`.
@@ -44,7 +45,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from timmserve import metrics, routes
 from timmserve.classifier import Result, start_worker_classifier
 from timmserve.config import ServeConfig
-from timmserve.errors import AnswerTimeoutError, ConfigError, ModelLoadError, UnavailableError
+from timmserve.errors import AnswerTimeoutError, ConfigError, ModelLoadError, PayloadTooLargeError, UnavailableError
 from timmserve.logs import configure_logging
 from timmserve.middleware import ASGIApp, Receive, ResponseHeaders, Scope, Send, request_id_of
 from timmserve.payload import ImageRequest, PayloadLimits
@@ -205,7 +206,11 @@ class ClassifierReplica:
 
     async def classify(self, images: Sequence[ImageRequest], request: Request) -> list[Result]:
         """routes.Classify: each image through the replica's batcher, concurrently, within the
-        request timeout (504; the images not yet in a batch leave the batcher's queue)."""
+        request timeout (504; the images not yet in a batch leave the batcher's queue). A request
+        with more images than --max-queue is refused as the LitServe engine refuses it (413)."""
+        limit = self.prepared.config.queue_limit()
+        if len(images) > limit:
+            raise PayloadTooLargeError.too_many_images(len(images), limit)
         request_id = request_id_of(request.scope)
         received = [ReceivedImage(image, request_id, time.monotonic()) for image in images]
         in_flight = metrics.load_metrics().in_flight
