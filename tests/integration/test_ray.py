@@ -1,6 +1,7 @@
-"""The shared HTTP contract suite (imported from test_server.py and test_oip.py) run against the Ray
-Serve engine, plus what only Ray has: replicas. Production behaviour on Ray: test_ray_production.py.
-Skipped, with the reason, when the ray extra is not installed."""
+"""The shared HTTP contract suite (imported from test_server.py, test_oip.py and
+test_field_inputs.py) run against the Ray Serve engine, plus what only Ray has: replicas.
+Production behaviour on Ray: test_ray_production.py. Skipped, with the reason, when the ray extra
+is not installed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ import pytest
 
 pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'timmserve[ray]'")
 
+from tests.integration.test_field_inputs import (  # noqa: E402, F401  (collected again here, on Ray)
+    MAX_QUEUE,
+    test_a_multi_picture_jpeg_from_a_phone_is_served,
+    test_an_image_that_breaks_the_resize_costs_only_its_own_request,
+    test_an_oip_request_larger_than_the_queue_is_a_413_naming_the_limit,
+    test_an_oip_shape_of_strings_is_a_400_naming_the_field,
+)
 from tests.integration.test_oip import (  # noqa: E402, F401  (collected again here, on Ray)
     client,
     test_a_bad_image_in_a_triton_batch_is_a_400_naming_it,
@@ -39,8 +47,9 @@ from tests.integration.test_server import (  # noqa: E402, F401  (collected agai
 
 @pytest.fixture(scope="module")
 def ray_server(start_module_server):
-    """The same model code on Ray Serve: two replicas, batching and limits as in test_server.py."""
-    return start_module_server("--engine", "ray", "--workers-per-device", "2", *BATCHED)
+    """The same model code on Ray Serve: two replicas, batching and limits as in test_server.py, the
+    queue bound as in test_field_inputs.py."""
+    return start_module_server("--engine", "ray", "--workers-per-device", "2", *BATCHED, "--max-queue", str(MAX_QUEUE))
 
 
 @pytest.fixture(scope="module")
