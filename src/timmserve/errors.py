@@ -76,6 +76,13 @@ class InvalidImageError(RequestError):
 class PayloadTooLargeError(RequestError):
     status_code = 413
 
+    @classmethod
+    def too_many_images(cls, count: int, limit: int) -> PayloadTooLargeError:
+        """The answer to a request with more images than the server admits at once (`--max-queue`)."""
+        return cls(
+            f"the request has {count} images; this server admits at most {limit} at once (--max-queue): split it"
+        )
+
 
 class UnknownModelError(RequestError):
     status_code = 404
@@ -105,6 +112,11 @@ class WorkerLostError(UnavailableError):
 
 class AnswerTimeoutError(RequestError):
     status_code = 504
+
+    @classmethod
+    def after(cls, timeout: float) -> AnswerTimeoutError:
+        """The answer when the server's request timeout (`--timeout`, seconds) ran out."""
+        return cls(f"no answer within the server's request timeout of {timeout:g} s")
 
 
 class ClientGoneError(RequestError):

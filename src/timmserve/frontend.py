@@ -76,10 +76,7 @@ class QueueFrontend(LitSpec):
         when a worker's batch raised (a bug; the worker logged it), PayloadTooLargeError (413) when
         the request has more images than the server ever admits at once."""
         if len(images) > self.admission.limit:
-            raise PayloadTooLargeError(
-                f"the request has {len(images)} images; this server admits at most {self.admission.limit} at once "
-                "(--max-queue): split it"
-            )
+            raise PayloadTooLargeError.too_many_images(len(images), self.admission.limit)
         tickets = self.admission.admit(len(images))
         deadline = time.monotonic() + self.timeout
         request_id = request_id_of(request.scope)
@@ -114,7 +111,7 @@ class QueueFrontend(LitSpec):
             while not slot.event.is_set():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise AnswerTimeoutError(f"no answer within the server's request timeout of {self.timeout:g} s")
+                    raise AnswerTimeoutError.after(self.timeout)
                 try:
                     await asyncio.wait_for(slot.event.wait(), min(remaining, WATCH_INTERVAL))
                 except asyncio.TimeoutError:

@@ -3,7 +3,8 @@
 The API-server processes count HTTP requests and their latency; the inference workers record
 queue wait, batch sizes, batch time, images and model load time. Every process writes its own
 files under one directory; `/metrics` merges them on each scrape and adds the admission gauges,
-read straight from shared memory.
+read straight from shared memory. On Ray Serve (one machine) the replicas are those processes:
+they record all of it, the load gauges included, into one directory the deployment hands them.
 
 prometheus-client chooses multi-process mode when it is first imported, from the environment, so
 `metrics_directory()` must run before anything imports it: the imports here are inside functions.
@@ -12,20 +13,30 @@ prometheus-client chooses multi-process mode when it is first imported, from the
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from timmserve.admission import Admission
+from timmserve.errors import InternalError, RequestError
+
+if TYPE_CHECKING:
+    from timmserve.classifier import Result
+
+logger = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+IN_FLIGHT = ("timmserve_in_flight_images", "Images admitted and not yet answered.")
+QUEUE_LIMIT = ("timmserve_queue_limit_images", "Images admitted at most; more get 503.")
 
 
 @contextmanager
@@ -62,6 +73,21 @@ class WorkerMetrics:
     batch_duration: Any  # Histogram: decode + model, per batch
     images: Any  # Counter{outcome}: classified | rejected (bad image) | abandoned (nobody waits)
     model_load: Any  # Gauge: seconds the worker took to load and warm up its model
+
+
+@dataclass(frozen=True)
+class LoadMetrics:
+    """The load gauges, recorded by Ray Serve replicas (the LitServe engine reads its admission slots)."""
+
+    in_flight: Any  # Gauge: this replica's images received and not yet answered, summed over replicas
+    queue_limit: Any  # Gauge: the queue bound the deployment was given
+
+
+class Admitted(Protocol):
+    """An image in a batch, as the engine received it."""
+
+    request_id: str
+    admitted_at: float  # time.monotonic()
 
 
 @functools.cache
@@ -122,24 +148,53 @@ def worker_metrics() -> WorkerMetrics:
     )  # fmt: skip
 
 
-def render(admission: Admission) -> tuple[bytes, str]:
-    """The exposition text for one scrape, and its content type."""
+@functools.cache
+def load_metrics() -> LoadMetrics:
+    from prometheus_client import Gauge
+
+    registry = None if _multiprocess() else _registry()
+    return LoadMetrics(
+        in_flight=Gauge(*IN_FLIGHT, multiprocess_mode="livesum", registry=registry),
+        queue_limit=Gauge(*QUEUE_LIMIT, multiprocess_mode="max", registry=registry),
+    )
+
+
+def record_batch(started: float, batch: Sequence[Admitted], answers: Sequence[Result], abandoned: int = 0) -> None:
+    """The worker metrics of one batch that started at `started` (time.monotonic()), and one log
+    line, with its request id, for each image the batch rejected; `abandoned`: images skipped
+    because nobody waited for them any more."""
+    worker = worker_metrics()
+    rejected = 0
+    for item, answer in zip(batch, answers):
+        worker.queue_wait.observe(started - item.admitted_at)
+        if isinstance(answer, RequestError):
+            rejected += 1
+            level = logging.ERROR if isinstance(answer, InternalError) else logging.INFO
+            logger.log(level, "image rejected: %s", answer.detail, extra={"request_id": item.request_id})
+    if batch:
+        worker.batch_size.observe(len(batch))
+        worker.batch_duration.observe(time.monotonic() - started)
+    for outcome, count in (("classified", len(batch) - rejected), ("rejected", rejected), ("abandoned", abandoned)):
+        if count:
+            worker.images.labels(outcome).inc(count)
+
+
+def render(admission: Admission | None) -> tuple[bytes, str]:
+    """The exposition text for one scrape, and its content type. The load gauges come from
+    `admission` (LitServe's slots), or else from what the processes recorded (Ray's replicas)."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
     from prometheus_client.core import GaugeMetricFamily
 
     class AdmissionCollector:
         def collect(self) -> Iterator[GaugeMetricFamily]:
-            yield GaugeMetricFamily(
-                "timmserve_in_flight_images", "Images admitted and not yet answered.", value=admission.in_flight()
-            )
-            yield GaugeMetricFamily(
-                "timmserve_queue_limit_images", "Images admitted at most; more get 503.", value=admission.limit
-            )
+            yield GaugeMetricFamily(*IN_FLIGHT, value=admission.in_flight())
+            yield GaugeMetricFamily(*QUEUE_LIMIT, value=admission.limit)
 
     registry = CollectorRegistry()
     if _multiprocess():
         multiprocess.MultiProcessCollector(registry)
     else:
         registry.register(_registry())  # a registry is itself a collector
-    registry.register(AdmissionCollector())
+    if admission is not None:
+        registry.register(AdmissionCollector())
     return generate_latest(registry), CONTENT_TYPE_LATEST

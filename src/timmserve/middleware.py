@@ -1,8 +1,8 @@
 """What wraps every HTTP request, as plain ASGI middleware (no per-request task or body buffering):
 
 - RequestContext (outermost): a request id (the client's `X-Request-ID` when it is a sane token,
-  else a new one) on the response and in the access log line, the request counter and latency
-  histogram by endpoint and status.
+  else a new one; behind Ray Serve's proxy, the proxy's) on the response and in the access log
+  line, the request counter and latency histogram by endpoint and status.
 - ResponseHeaders: fixed headers on every response (the random-weights warning).
 - ApiKeyAuth: with an API key set, every route but the probes and the static pages answers 401
   without it. The key is compared in constant time.
@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from timmserve import metrics
+from timmserve.errors import ClientGoneError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -52,9 +54,13 @@ def request_id_of(scope: Scope) -> str:
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, known_paths: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, known_paths: frozenset[str], *, proxy_sets_id: bool = False) -> None:
+        """`proxy_sets_id`: behind Ray Serve's proxy, which gives every request an `X-Request-ID`
+        (the client's as sent, else a new one) and returns it on the response itself: that id is
+        taken as it is, and none is added (the response would carry two)."""
         self.app = app
         self.known_paths = known_paths
+        self.proxy_sets_id = proxy_sets_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,7 +68,8 @@ class RequestContext:
             return
         started = time.perf_counter()
         given = _header(scope, REQUEST_ID_HEADER)
-        request_id = given if given and _SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        kept = given and (self.proxy_sets_id or _SANE_REQUEST_ID.fullmatch(given))
+        request_id = given if kept else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500  # unless a response starts: an exception escaped the app
 
@@ -70,11 +77,15 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                if not self.proxy_sets_id:
+                    message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:  # Ray Serve cancels the request of a client that left
+            status = ClientGoneError.status_code
+            raise
         finally:
             elapsed = time.perf_counter() - started
             endpoint = endpoint_label(scope["path"], self.known_paths)

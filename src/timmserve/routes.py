@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 
 from fastapi import FastAPI
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from timmserve import __version__, oip
+from timmserve import __version__, oip, openapi
 from timmserve.classifier import Result
 from timmserve.errors import InternalError, RequestError, UnknownModelError
 from timmserve.middleware import ApiKeyAuth, RequestContext, ResponseHeaders, request_id_of
@@ -135,15 +136,38 @@ async def error_response(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
 
-def install(app: FastAPI, service: InferenceService, *, api_key: str | None, random_weights: bool) -> None:
-    """Give an engine's FastAPI app timmserve's HTTP contract: the inference endpoints, the error
-    path, and the middlewares (request id + access log + HTTP metrics outermost, then the
-    random-weights header on every response, then the API key). Call after the engine added its own routes."""
+def add_demo_page(app: FastAPI) -> None:
+    """The browser page at `/`, in place of whatever the engine put there (LitServe's plain-text index)."""
+    page = (files("timmserve") / "static" / "index.html").read_text(encoding="utf-8")
+
+    async def demo_page() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/"]
+    app.add_api_route("/", demo_page, methods=["GET"], include_in_schema=False)
+
+
+def install(
+    app: FastAPI,
+    service: InferenceService,
+    *,
+    api_key: str | None,
+    random_weights: bool,
+    proxy_sets_request_id: bool = False,
+) -> None:
+    """Give an engine's FastAPI app timmserve's HTTP contract: the inference endpoints, the demo
+    page, the OpenAPI document, the error path, and the middlewares (request id + access log +
+    HTTP metrics outermost, then the random-weights header on every response, then the API key).
+    `proxy_sets_request_id`: the app runs behind Ray Serve's proxy, which sets `X-Request-ID`
+    itself (see RequestContext). Call after the engine added its own routes."""
     add_inference_routes(app, service)
+    add_demo_page(app)
+    openapi.document(app)
     app.add_exception_handler(RequestError, error_response)
     if api_key is not None:
         app.add_middleware(ApiKeyAuth, api_key=api_key)
     if random_weights:  # random weights serve meaningless answers: every response says so, 401s too
         app.add_middleware(ResponseHeaders, headers={RANDOM_WEIGHTS_HEADER: "true; throughput studies only"})
     known_paths = frozenset(route.path for route in app.routes if "{" not in getattr(route, "path", "{"))
-    app.add_middleware(RequestContext, known_paths=known_paths)  # outermost: added last
+    # Outermost: added last.
+    app.add_middleware(RequestContext, known_paths=known_paths, proxy_sets_id=proxy_sets_request_id)

@@ -15,15 +15,13 @@ import signal
 import socket
 import threading
 import time
-from importlib.resources import files
 from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
 import litserve as ls
-from starlette.responses import HTMLResponse
 
-from timmserve import litserve_internals, metrics, openapi, routes
+from timmserve import litserve_internals, metrics, routes
 from timmserve.admission import Admission
 from timmserve.config import ServeConfig
 from timmserve.errors import ModelLoadError
@@ -174,7 +172,6 @@ def build_server(config: ServeConfig) -> TimmServer:
     server.grace_period = config.grace_period
     # LitServe checks its workers every 2 s: /health said 200 for up to 2 s after a worker died.
     server.monitor_internal = 0.1
-    _serve_demo_page(server)
     service = routes.InferenceService(
         model_name=oip_model_name(prepared.info),
         limits=PayloadLimits(config.max_body_bytes, prepared.info.num_classes, config.top_k),
@@ -183,19 +180,7 @@ def build_server(config: ServeConfig) -> TimmServer:
         metrics=lambda: metrics.render(admission),
     )
     routes.install(server.app, service, api_key=api_key, random_weights=prepared.info.random_weights)
-    openapi.document(server.app)
     return server
-
-
-def _serve_demo_page(server: ls.LitServer) -> None:
-    """The browser page at `/`, in place of LitServe's plain-text index."""
-    page = (files("timmserve") / "static" / "index.html").read_text(encoding="utf-8")
-
-    async def demo_page() -> HTMLResponse:
-        return HTMLResponse(page)
-
-    server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
-    server.app.add_api_route("/", demo_page, methods=["GET"], include_in_schema=False)
 
 
 def run_server(config: ServeConfig) -> None:

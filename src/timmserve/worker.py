@@ -22,7 +22,7 @@ from timmserve.admission import Admission
 from timmserve.batching import DrainingBatchLoop
 from timmserve.classifier import Classifier, Result, start_worker_classifier
 from timmserve.config import ServeConfig
-from timmserve.errors import ClientGoneError, InternalError, RequestError
+from timmserve.errors import ClientGoneError, InternalError
 from timmserve.frontend import QueuedImage, QueueFrontend
 from timmserve.logs import configure_logging
 
@@ -88,25 +88,9 @@ class ClassifierAPI(ls.LitAPI):
         except Exception:
             logger.exception("a batch failed", extra={"request_ids": [item.request_id for item in live]})
             raise
-        self._record(started, live, answers, abandoned=len(queued) - len(live))
+        metrics.record_batch(started, live, answers, abandoned=len(queued) - len(live))
         remaining = iter(answers)
         return [next(remaining) if keep else ABANDONED for keep in wanted]
-
-    def _record(self, started: float, live: list[QueuedImage], answers: list[Result], abandoned: int) -> None:
-        worker = metrics.worker_metrics()
-        rejected = 0
-        for item, answer in zip(live, answers):
-            worker.queue_wait.observe(started - item.admitted_at)
-            if isinstance(answer, RequestError):
-                rejected += 1
-                level = logging.ERROR if isinstance(answer, InternalError) else logging.INFO
-                logger.log(level, "image rejected: %s", answer.detail, extra={"request_id": item.request_id})
-        if live:
-            worker.batch_size.observe(len(live))
-            worker.batch_duration.observe(time.monotonic() - started)
-        for outcome, count in (("classified", len(live) - rejected), ("rejected", rejected), ("abandoned", abandoned)):
-            if count:
-                worker.images.labels(outcome).inc(count)
 
     def unbatch(self, output: list[Result]) -> list[Result]:
         return output

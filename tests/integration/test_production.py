@@ -26,6 +26,20 @@ RAW = {"Content-Type": "application/octet-stream"}
 SMALL_MODEL = ("--model", "test_efficientnet", "--random-weights")
 JSON_ACCESS_LOG = ("--log-format", "json", "--log-level", "info")
 OUTCOMES = ("classified", "rejected", "abandoned")  # of each image a worker takes from the queue
+API_KEY_ENV = "TIMMSERVE_TEST_KEY"
+API_KEY = "s3cret-key"
+WITH_KEY = {"X-API-Key": API_KEY}
+QUEUE_LIMIT = 4
+# A small model that asks for the API key, logs JSON at info level, and admits QUEUE_LIMIT images.
+KEYED = (*SMALL_MODEL, "--api-key-env", API_KEY_ENV, *JSON_ACCESS_LOG, "--max-queue", str(QUEUE_LIMIT))
+
+
+@pytest.fixture
+def keyed_server(start_server, monkeypatch):
+    """A server started with KEYED (test_ray_production.py runs the tests that take it on Ray Serve,
+    with its own)."""
+    monkeypatch.setenv(API_KEY_ENV, API_KEY)
+    return start_server(*KEYED)
 
 
 def predict(url: str, data: bytes, client: httpx.Client | None = None, **kwargs) -> httpx.Response:
@@ -47,13 +61,15 @@ def scrape(url: str, **kwargs) -> dict[str, float]:
 
 
 def logged(server: ServerProcess) -> list[dict]:
-    """The server's log entries so far (started with JSON_ACCESS_LOG)."""
+    """The server's log entries so far (started with JSON_ACCESS_LOG); on Ray, Ray's own JSON lines
+    too (without a "logger")."""
     return [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
 
 
 def predict_access(server: ServerProcess) -> list[dict]:
     """Access-log entries of `POST /predict`, one per request answered."""
-    return [e for e in logged(server) if e["logger"] == "timmserve.access" and e["message"].startswith("POST /predict")]
+    access = [e for e in logged(server) if e.get("logger") == "timmserve.access"]
+    return [e for e in access if e["message"].startswith("POST /predict")]
 
 
 def wait_for(condition, timeout: float, interval: float = 0.05) -> bool:
@@ -116,6 +132,51 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(start_server
     assert wait_for(lambda: not session_processes(server.pid), timeout=10), session_processes(server.pid)
     log = server.log()
     assert "draining in-flight requests" in log and "stopped" in log
+
+
+def test_sigterm_answers_or_refuses_every_request(keyed_server, photos):
+    answered_or_refused_while_draining(keyed_server, photos, WITH_KEY)
+
+
+def answered_or_refused_while_draining(server, photos: dict[str, bytes], headers: dict[str, str]) -> None:
+    """SIGTERM, what a supervisor sends, under steady load: every request is answered, or refused
+    (503 with Retry-After while the port is still open, or the connection refused once it is
+    closed), none is cut off; requests in flight at the signal are answered; exit 0, no process
+    left. The clients stop at their first refusal, as a client behind a load balancer moves on."""
+    outcomes: list[tuple[str, float]] = []  # (outcome, when it completed)
+    stopping = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=60, headers={**headers, "Content-Type": "image/jpeg"}) as http:
+            while not stopping.is_set():
+                try:
+                    response = http.post(f"{server.url}/predict", content=photos["cat"])
+                    outcome = str(response.status_code)
+                    if outcome == "503" and not response.headers.get("Retry-After"):
+                        outcome = "503 without Retry-After"
+                except httpx.ConnectError:
+                    outcome = "refused"  # the port was closed: never admitted
+                except httpx.TransportError as error:
+                    outcome = type(error).__name__  # cut off mid-flight
+                outcomes.append((outcome, time.monotonic()))
+                if outcome != "200":
+                    return
+
+    threads = [threading.Thread(target=client) for _ in range(QUEUE_LIMIT)]  # never over the queue limit
+    for thread in threads:
+        thread.start()
+    assert wait_for(lambda: len(outcomes) >= 16, timeout=60), outcomes  # load flowing
+    signalled = time.monotonic()
+    assert server.stop(signum=signal.SIGTERM) == 0
+    stopping.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert {outcome for outcome, _ in outcomes} <= {"200", "503", "refused"}, outcomes
+    assert any(outcome == "200" and when > signalled for outcome, when in outcomes), "nothing in flight was answered"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/health", timeout=2)
+    # Every process of the server's session, Ray's own (raylet, GCS, replicas) included.
+    assert wait_for(lambda: not session_processes(server.pid), timeout=30), session_processes(server.pid)
 
 
 def test_a_dead_worker_loses_no_request_and_is_reported_at_once(start_server, photos):
@@ -231,25 +292,23 @@ def test_clients_that_disconnect_give_their_slots_back(start_server, photos):
     assert predict(server.url, photos["cat"]).status_code == 200
 
 
-def test_api_key_guards_everything_but_the_probes(start_server, photos, monkeypatch):
-    monkeypatch.setenv("TIMMSERVE_TEST_KEY", "s3cret-key")
-    server = start_server(*SMALL_MODEL, "--api-key-env", "TIMMSERVE_TEST_KEY")
-    url = server.url
+def test_api_key_guards_everything_but_the_probes(keyed_server, photos):
+    url = keyed_server.url
     missing = predict(url, photos["cat"])
     assert missing.status_code == 401 and "API key" in missing.json()["detail"]
     assert missing.headers["WWW-Authenticate"] == "Bearer"
     assert predict(url, photos["cat"], headers={"X-API-Key": "s3cret-kex"}).status_code == 401
-    assert predict(url, photos["cat"], headers={"X-API-Key": "s3cret-key"}).status_code == 200
-    assert predict(url, photos["cat"], headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+    assert predict(url, photos["cat"], headers=WITH_KEY).status_code == 200
+    assert predict(url, photos["cat"], headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
     for path in ("/metrics", "/info", "/v2/models/test_efficientnet"):
         assert httpx.get(f"{url}{path}").status_code == 401, path
-    assert scrape(url, headers={"X-API-Key": "s3cret-key"})["timmserve_queue_limit_images"] > 0
+    assert scrape(url, headers=WITH_KEY)["timmserve_queue_limit_images"] > 0
     for path in ("/health", "/v2/health/live", "/v2/health/ready", "/"):
         assert httpx.get(f"{url}{path}").status_code == 200, path
     cli = [sys.executable, "-m", "timmserve", "classify", "--url", url, str(DATA / "cat.jpg")]
     denied = subprocess.run(cli, capture_output=True, text=True, timeout=120)
     assert denied.returncode == 1 and "401" in denied.stderr
-    allowed = subprocess.run([*cli, "--api-key-env", "TIMMSERVE_TEST_KEY"], capture_output=True, text=True, timeout=120)
+    allowed = subprocess.run([*cli, "--api-key-env", API_KEY_ENV], capture_output=True, text=True, timeout=120)
     assert allowed.returncode == 0, allowed.stderr
 
 
@@ -267,14 +326,14 @@ def test_an_unset_api_key_variable_is_one_clear_error(monkeypatch):
     ]
 
 
-def test_metrics_move_by_exactly_the_requests_sent(start_server, photos):
-    server = start_server("--max-batch-size", "4", "--batch-timeout", "0.05")
-    before = scrape(server.url)
+def test_metrics_move_by_exactly_the_requests_sent(keyed_server, photos):
+    url = keyed_server.url
+    before = scrape(url, headers=WITH_KEY)
     with ThreadPoolExecutor(4) as pool:
-        good = list(pool.map(lambda _: predict(server.url, photos["cat"]), range(6)))
-    bad = [predict(server.url, b"not an image"), predict(server.url, b"")]
+        good = list(pool.map(lambda _: predict(url, photos["cat"], headers=WITH_KEY), range(6)))
+    bad = [predict(url, b"not an image", headers=WITH_KEY), predict(url, b"", headers=WITH_KEY)]
     assert [r.status_code for r in good] == [200] * 6 and [r.status_code for r in bad] == [400, 400]
-    after = scrape(server.url)
+    after = scrape(url, headers=WITH_KEY)
 
     def moved(name: str) -> float:
         return after.get(name, 0) - before.get(name, 0)
@@ -288,27 +347,28 @@ def test_metrics_move_by_exactly_the_requests_sent(start_server, photos):
     assert moved("timmserve_batch_size_sum") == 7
     assert 2 <= moved("timmserve_batch_size_count") <= 7
     assert after["timmserve_in_flight_images"] == 0
-    assert after["timmserve_queue_limit_images"] == 128
+    assert after["timmserve_queue_limit_images"] == QUEUE_LIMIT
     assert after["timmserve_model_load_seconds"] > 0
 
 
-def test_request_ids_are_returned_and_logged_as_json(start_server, photos):
-    server = start_server(*SMALL_MODEL, *JSON_ACCESS_LOG)
-    given = predict(server.url, photos["cat"], headers={"X-Request-ID": "trace-42.a"})
-    assert given.headers["X-Request-ID"] == "trace-42.a"
-    made_up = predict(server.url, b"garbage", headers={"X-Request-ID": "no spaces or\tcontrol"})
-    new_id = made_up.headers["X-Request-ID"]
-    assert made_up.status_code == 400 and re.fullmatch(r"[0-9a-f]{32}", new_id)
+def test_request_ids_are_returned_and_logged_as_json(keyed_server, photos):
+    server = keyed_server
+    given = predict(server.url, photos["cat"], headers={**WITH_KEY, "X-Request-ID": "trace-42.a"})
+    assert given.headers.get_list("X-Request-ID") == ["trace-42.a"]
+    # Not a sane token: the LitServe engine answers a new id of its own, Ray Serve's proxy this one.
+    other = predict(server.url, b"garbage", headers={**WITH_KEY, "X-Request-ID": "no spaces or\tcontrol"})
+    [other_id] = other.headers.get_list("X-Request-ID")
+    assert other.status_code == 400
 
     def access_lines() -> dict[str, dict]:
         return {e["request_id"]: e for e in predict_access(server)}
 
-    assert wait_for(lambda: new_id in access_lines(), timeout=10)
+    assert wait_for(lambda: other_id in access_lines(), timeout=10)
     entries, access = logged(server), access_lines()
     assert access["trace-42.a"]["status"] == 200 and access["trace-42.a"]["message"] == "POST /predict 200"
-    assert access[new_id]["status"] == 400 and access[new_id]["duration_ms"] > 0
-    rejected = [e for e in entries if e.get("request_id") == new_id and e["logger"] == "timmserve.worker"]
-    assert rejected and "not an image" in rejected[0]["message"]  # the worker's log line carries the id too
+    assert access[other_id]["status"] == 400 and access[other_id]["duration_ms"] > 0
+    rejected = [e for e in entries if e.get("request_id") == other_id and e.get("logger") != "timmserve.access"]
+    assert rejected and "not an image" in rejected[0]["message"]  # the batch's log line carries the id too
 
 
 def test_the_batcher_waits_batch_timeout_for_more_images_and_no_longer(start_server, photos):

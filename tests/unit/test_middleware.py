@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -9,6 +10,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from timmserve import metrics
 from timmserve.logs import JsonFormatter, TextFormatter
 from timmserve.middleware import ApiKeyAuth, RequestContext, endpoint_label, request_id_of
 
@@ -59,6 +61,34 @@ def test_request_id_is_kept_when_sane_and_made_when_not(client):
     assert made.headers["X-Request-ID"] != "x" * 200 and len(made.headers["X-Request-ID"]) == 32
     refused = client.get("/predict")
     assert refused.status_code == 401 and refused.headers["X-Request-ID"]  # 401s carry an id too
+
+
+def test_behind_ray_serves_proxy_its_request_id_is_kept_as_sent_and_not_added_again():
+    app = Starlette(routes=[Route("/predict", echo_id)])
+    app.add_middleware(RequestContext, known_paths=KNOWN, proxy_sets_id=True)
+    response = TestClient(app).get("/predict", headers={"X-Request-ID": "x" * 200})
+    assert response.text == "x" * 200  # the proxy answers with this id: the log must say the same
+    assert "X-Request-ID" not in response.headers  # the proxy adds it
+
+
+def test_a_request_cancelled_because_its_client_left_counts_as_499(monkeypatch):
+    """Ray Serve cancels the request of a client that left: not a 500."""
+    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
+
+    async def cancelled_app(scope, receive, send) -> None:
+        raise asyncio.CancelledError
+
+    async def call() -> None:
+        scope = {"type": "http", "method": "POST", "path": "/predict", "headers": []}
+        await RequestContext(cancelled_app, KNOWN)(scope, None, None)
+
+    def counted(status: str) -> float:
+        return metrics.http_metrics().requests.labels("/predict", status)._value.get()
+
+    before = counted("499")
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(call())
+    assert counted("499") == before + 1
 
 
 def _record(**extra) -> logging.LogRecord:
