@@ -72,9 +72,9 @@ async def parse_predict_request(request: Request, limits: PayloadLimits) -> Imag
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The whole body, refusing (413) as soon as it is known to exceed `max_bytes`."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLargeError(f"the body is {int(declared):,} bytes; the limit is {max_bytes:,}")
+    declared = _decimal(request.headers.get("content-length", ""))
+    if declared is not None and declared > max_bytes:
+        raise PayloadTooLargeError(f"the body is {declared:,} bytes; the limit is {max_bytes:,}")
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -91,7 +91,7 @@ def _from_json(body: bytes, limits: PayloadLimits) -> ImageRequest:
     if not body:
         raise InvalidRequestError('the body is empty; send {"image": "<base64 of an image file>"}')
     try:
-        document = json.loads(body)
+        document = json.loads(body, parse_int=_json_integer)
     except (ValueError, RecursionError):
         raise InvalidRequestError("the body is not valid JSON") from None
     if not isinstance(document, dict):
@@ -141,14 +141,42 @@ def _nonempty(data: bytes) -> bytes:
 
 
 def check_top_k(value: Any, limits: PayloadLimits) -> int:
-    """top_k from JSON (int) or a query/form field (str); absent means the server's default."""
+    """top_k from JSON (an int) or a query or form field (a str); absent means the server's
+    default. Raises InvalidRequestError (400) naming top_k for anything but an integer from 1 to
+    the number of classes."""
     if value is None:
         return min(limits.default_top_k, limits.num_classes)
-    if isinstance(value, str) and value.strip().lstrip("+").isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limits.num_classes:
-        raise InvalidRequestError(f"top_k must be an integer from 1 to {limits.num_classes}, got {value!r}")
-    return value
+    number = _decimal(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= limits.num_classes:
+        raise InvalidRequestError(f"top_k must be an integer from 1 to {limits.num_classes}, got {_shown(value)}")
+    return number
+
+
+def _decimal(text: str) -> int | None:
+    """The non-negative integer `text` writes in decimal (surrounding whitespace, a leading '+' and
+    leading zeros allowed), or None when it is anything else or has over 18 significant digits
+    (more than any limit here, and far below Python's 4,300-digit int-string limit: a ValueError)."""
+    digits = text.strip().removeprefix("+")
+    # ASCII only: str.isdigit() also says yes to '²', which int() refuses, and to '٣', which it reads.
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    significant = digits.lstrip("0") or "0"
+    return int(significant) if len(significant) <= 18 else None
+
+
+def _json_integer(text: str) -> int | float:
+    """json's reading of an integer: one over Python's 4,300-digit int-string limit becomes ±inf
+    (out of every range here, and named by the check of its field) instead of a ValueError."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """`repr(value)`, cut to `limit` characters: a detail echoes what was sent, not 5,000 digits of it."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 def _json_type(value: Any) -> str:

@@ -82,6 +82,10 @@ BAD_INPUTS = [
     ("top_k over the classes", {"params": {"top_k": 1001}}, 400, "top_k"),
     ("top_k in JSON a list", {"json_top_k": [3]}, 400, "top_k"),
     ("top_k in JSON true", {"json_top_k": True}, 400, "top_k"),
+    ("top_k a superscript two", {"params": {"top_k": "²"}}, 400, "top_k"),
+    ("top_k of 5,000 digits", {"params": {"top_k": "1" * 5000}}, 400, "top_k"),
+    ("top_k in JSON a superscript two", {"json_top_k": "²"}, 400, "top_k"),
+    ("top_k in a form a superscript two", {"form_top_k": "²"}, 400, "top_k"),
 ]  # fmt: skip
 
 
@@ -118,6 +122,8 @@ def send_case(url: str, photos: dict[str, bytes], kwargs: dict) -> httpx.Respons
         kwargs.update(content=photos["cat"], headers=RAW)
     if "json_top_k" in kwargs:
         kwargs = {"json": {"image": b64(photos["cat"]), "top_k": kwargs["json_top_k"]}}
+    if "form_top_k" in kwargs:
+        kwargs = {"files": {"image": ("cat.jpg", photos["cat"])}, "data": {"top_k": kwargs["form_top_k"]}}
     return httpx.post(f"{url}/predict", timeout=60, **kwargs)
 
 

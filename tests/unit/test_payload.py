@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -14,7 +17,7 @@ from starlette.testclient import TestClient
 from timmserve.errors import RequestError
 from timmserve.payload import PayloadLimits, parse_predict_request
 
-LIMITS = PayloadLimits(max_body_bytes=4096, num_classes=10, default_top_k=5)
+LIMITS = PayloadLimits(max_body_bytes=16384, num_classes=10, default_top_k=5)  # room for 5,000-digit top_k
 IMAGE = b"\xff\xd8\xff\xe0 pretend JPEG bytes"
 
 
@@ -79,7 +82,7 @@ def test_multipart_form(client):
             400,
             "multipart",
         ),
-        ({"content": b"\0" * 5000, "headers": {"Content-Type": "image/png"}}, 413, "limit is 4,096"),
+        ({"content": b"\0" * 16385, "headers": {"Content-Type": "image/png"}}, 413, "limit is 16,384"),
     ],
 )
 def test_malformed_bodies_name_the_problem(client, kwargs, status, words):
@@ -89,6 +92,98 @@ def test_malformed_bodies_name_the_problem(client, kwargs, status, words):
 
 
 def test_chunked_body_over_the_limit_is_refused_while_streaming(client):
-    chunks = (b"\0" * 1024 for _ in range(10))  # no Content-Length: sent chunked
+    chunks = (b"\0" * 1024 for _ in range(17))  # no Content-Length: sent chunked
     response = client.post("/predict", content=chunks, headers={"Content-Type": "image/png"})
-    assert response.status_code == 413 and "over the limit of 4,096" in response.json()["detail"]
+    assert response.status_code == 413 and "over the limit of 16,384" in response.json()["detail"]
+
+
+# --- top_k: an integer from 1 to the class count, or a 400 naming it, wherever it is given ---
+
+IMAGE_BASE64 = base64.b64encode(IMAGE).decode()
+TOP_K_PLACES = {
+    "query": lambda client, top_k: client.post(
+        "/predict", params={"top_k": top_k}, content=IMAGE, headers={"Content-Type": "image/jpeg"}
+    ),
+    "form": lambda client, top_k: client.post("/predict", files={"image": ("a.jpg", IMAGE)}, data={"top_k": top_k}),
+    "json": lambda client, top_k: client.post("/predict", json={"image": IMAGE_BASE64, "top_k": top_k}),
+}
+
+
+@pytest.mark.parametrize("place", TOP_K_PLACES)
+@pytest.mark.parametrize(
+    ("top_k", "expected"),
+    [
+        ("3", 3),
+        (" +03 ", 3),
+        ("0" * 5000 + "7", 7),
+        ("²", None),  # str.isdigit() says yes, int() says no
+        ("٣", None),  # int() reads it as 3: not an ASCII digit
+        ("1_0", None),  # int() reads it as 10
+        ("1" * 5000, None),  # over Python's 4,300-digit int-string limit
+        ("0", None),
+        ("11", None),
+        ("-1", None),
+        ("", None),
+    ],
+)
+def test_top_k_is_an_integer_in_range_or_a_400_naming_it(client, place, top_k, expected):
+    response = TOP_K_PLACES[place](client, top_k)
+    if expected is None:
+        assert response.status_code == 400, response.text
+        assert response.json()["detail"].startswith("top_k must be an integer from 1 to 10, got ")
+        assert len(response.json()["detail"]) < 100  # the value is shown cut short
+    else:
+        assert parsed(response) == (IMAGE, expected)
+
+
+def test_a_json_top_k_beyond_the_int_string_limit_is_a_400_naming_it(client):
+    body = b'{"image": "aGk=", "top_k": ' + b"9" * 5000 + b"}"
+    response = client.post("/predict", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["detail"] == "top_k must be an integer from 1 to 10, got inf"
+
+
+def expected_top_k(value: object) -> int | None:
+    """The right answer, written independently of payload.py: ASCII decimal 1..10, else a 400."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*\+?0*([0-9]+)\s*", value, re.ASCII)
+        value = int(match[1][:3]) if match else None  # 3 digits are plenty to tell 1..10 apart
+    in_range = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 10
+    return value if in_range else None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    place=st.sampled_from(sorted(TOP_K_PLACES)),
+    top_k=st.one_of(
+        st.text(max_size=12),
+        st.text("0123456789+- \t²³¹٣۳߃१", max_size=12),
+        st.integers(-(10**30), 10**30).map(str),
+        st.integers(1, 10).map(lambda k: f" {k} "),
+    ),
+)
+def test_fuzzed_top_k_gets_its_right_answer_and_never_a_5xx(client, place, top_k):
+    response = TOP_K_PLACES[place](client, top_k)
+    assert response.status_code < 500
+    expected = expected_top_k(top_k)
+    if expected is None:
+        assert response.status_code == 400 and "top_k" in response.json()["detail"], response.text
+    else:
+        assert parsed(response) == (IMAGE, expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    top_k=st.one_of(
+        st.integers(),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.booleans(),
+        st.lists(st.integers(), max_size=2),
+    )
+)
+def test_fuzzed_json_top_k_values_get_their_right_answer(client, top_k):
+    response = TOP_K_PLACES["json"](client, top_k)
+    expected = expected_top_k(top_k)
+    if expected is None:
+        assert response.status_code == 400 and "top_k" in response.json()["detail"], response.text
+    else:
+        assert parsed(response) == (IMAGE, expected)
