@@ -6,6 +6,9 @@ Three body forms are accepted (DESIGN.md, HTTP contract):
 - `image/*` or `application/octet-stream`: the image file itself; `?top_k=` in the query;
 - `multipart/form-data`: a file field `image`, and an optional field (or query) `top_k`.
 
+Any body may come gzip- or deflate-compressed (`Content-Encoding`), as Triton's client sends it with
+`request_compression_algorithm`; it is inflated here, and the size limit holds after inflating.
+
 Only the encoded bytes travel on to the inference workers: base64 is undone here, and the image is
 decoded there, where a bad one fails only its own request.
 """
@@ -15,13 +18,19 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 
-from timmserve.errors import ClientGoneError, InvalidRequestError, PayloadTooLargeError, UnsupportedMediaError
+from timmserve.errors import (
+    ClientGoneError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    UnsupportedMediaError,
+)
 
 ACCEPTED_CONTENT_TYPES = "application/json, image/*, application/octet-stream or multipart/form-data"
 
@@ -49,7 +58,7 @@ def predictions_body(predictions: list[Prediction]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class PayloadLimits:
-    max_body_bytes: int
+    max_body_bytes: int  # as sent and once inflated
     num_classes: int  # top_k may not exceed it
     default_top_k: int
 
@@ -58,20 +67,27 @@ async def parse_predict_request(request: Request, limits: PayloadLimits) -> Imag
     """Read and check one /predict request; raises a RequestError subclass that names the problem."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
-        body = await read_body(request, limits.max_body_bytes)
+        body = await read_body(request, limits)
         return _from_json(body, limits)
     if media_type.startswith("image/") or media_type == "application/octet-stream":
-        body = await read_body(request, limits.max_body_bytes)
+        body = await read_body(request, limits)
         return ImageRequest(_nonempty(body), check_top_k(request.query_params.get("top_k"), limits))
     if media_type == "multipart/form-data":
-        body = await read_body(request, limits.max_body_bytes)
+        body = await read_body(request, limits)
         return await _from_multipart(request, body, limits)
     shown = media_type or "none"
     raise UnsupportedMediaError(f"content type {shown!r} is not accepted; send {ACCEPTED_CONTENT_TYPES}")
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, refusing (413) as soon as it is known to exceed `max_bytes`."""
+async def read_body(request: Request, limits: PayloadLimits) -> bytes:
+    """The whole body, inflated when it says `Content-Encoding: gzip` or `deflate`.
+
+    Raises PayloadTooLargeError (413) as soon as the body, as sent or inflated, is known to exceed
+    `limits.max_body_bytes`; UnsupportedMediaError (415) for another content coding;
+    InvalidRequestError (400) for a compressed body that does not inflate; ClientGoneError when the
+    client disconnects first."""
+    max_bytes = limits.max_body_bytes
+    inflater = _inflater_for(request.headers.get("content-encoding", ""), max_bytes)
     declared = _decimal(request.headers.get("content-length", ""))
     if declared is not None and declared > max_bytes:
         raise PayloadTooLargeError(f"the body is {declared:,} bytes; the limit is {max_bytes:,}")
@@ -81,10 +97,66 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             size += len(chunk)
             if size > max_bytes:
                 raise PayloadTooLargeError(f"the body is over the limit of {max_bytes:,} bytes")
-            chunks.append(chunk)
+            chunks.append(chunk if inflater is None else inflater.inflate(chunk))
     except ClientDisconnect:
         raise ClientGoneError("the client disconnected while sending its body") from None
+    if inflater is not None:
+        inflater.finish()
     return b"".join(chunks)
+
+
+# Content-Encoding → zlib's window bits for it: gzip (RFC 1952) and deflate, which HTTP defines as the
+# zlib format (RFC 1950).
+_INFLATE_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def _inflater_for(content_encoding: str, max_bytes: int) -> _Inflater | None:
+    """The inflater a `Content-Encoding` header asks for; None for none (or identity). Raises
+    UnsupportedMediaError (415) naming any other coding, or more than one."""
+    coding = content_encoding.strip().lower()
+    if coding in ("", "identity"):
+        return None
+    if coding not in _INFLATE_WBITS:
+        raise UnsupportedMediaError(
+            f"content encoding {content_encoding.strip()!r} is not accepted; send gzip, deflate or none"
+        )
+    return _Inflater(coding, max_bytes)
+
+
+class _Inflater:
+    """A compressed body, inflated as it streams in. Its output is bounded, not its input: a few
+    kilobytes of gzip can inflate to gigabytes (a decompression bomb)."""
+
+    def __init__(self, coding: str, max_bytes: int) -> None:
+        self.coding = coding
+        self.max_bytes = max_bytes
+        self.size = 0  # bytes inflated so far
+        self._stream = zlib.decompressobj(_INFLATE_WBITS[coding])
+
+    def inflate(self, data: bytes) -> bytes:
+        """The bytes `data` inflates to. Raises PayloadTooLargeError once the output passes
+        max_bytes, InvalidRequestError when `data` is not of this coding."""
+        pieces = []
+        while data:
+            if self._stream.eof:  # a gzip body may be several members, one after another (RFC 1952)
+                if self.coding == "deflate":
+                    raise InvalidRequestError("the deflate body has data after its end")
+                self._stream = zlib.decompressobj(_INFLATE_WBITS[self.coding])
+            try:
+                piece = self._stream.decompress(data, self.max_bytes - self.size + 1)
+            except zlib.error as exc:
+                raise InvalidRequestError(f"the body is not valid {self.coding} data ({exc})") from None
+            self.size += len(piece)
+            if self.size > self.max_bytes:
+                raise PayloadTooLargeError(f"the body inflates to over the limit of {self.max_bytes:,} bytes")
+            pieces.append(piece)
+            data = self._stream.unused_data if self._stream.eof else self._stream.unconsumed_tail
+        return b"".join(pieces)
+
+    def finish(self) -> None:
+        """Raises InvalidRequestError when the compressed stream stopped before its end."""
+        if not self._stream.eof:
+            raise InvalidRequestError(f"the {self.coding} body is truncated")
 
 
 def _from_json(body: bytes, limits: PayloadLimits) -> ImageRequest:

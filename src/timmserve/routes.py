@@ -110,7 +110,7 @@ def add_inference_routes(app: FastAPI, service: InferenceService) -> None:
     async def v2_infer(model_name: str, request: Request) -> Response:
         """One OIP inference request: each of its images goes through the batcher on its own."""
         _check_model_name(model_name, service)
-        body = await read_body(request, service.limits.max_body_bytes)
+        body = await read_body(request, service.limits)
         infer_request = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH))
         top_k = check_top_k(infer_request.top_k, service.limits)
         results = await service.classify([ImageRequest(data, top_k) for data in infer_request.images], request)

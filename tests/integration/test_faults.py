@@ -5,6 +5,7 @@ all sent while a steady stream of good requests runs against the same server."""
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import struct
 import threading
@@ -46,6 +47,8 @@ def b64(data: bytes) -> str:
 
 
 RAW = {"Content-Type": "application/octet-stream"}
+# 32 MiB of zeros in 32 kB: under this module's body limit as sent, over every server's once inflated
+GZIP_BOMB = gzip.compress(bytes(32 * 2**20))
 JPEG = {"Content-Type": "image/jpeg"}
 
 # (case, request keyword arguments, status, words the detail must contain)
@@ -86,6 +89,12 @@ BAD_INPUTS = [
     ("top_k of 5,000 digits", {"params": {"top_k": "1" * 5000}}, 400, "top_k"),
     ("top_k in JSON a superscript two", {"json_top_k": "²"}, 400, "top_k"),
     ("top_k in a form a superscript two", {"form_top_k": "²"}, 400, "top_k"),
+    ("gzip bomb", {"content": GZIP_BOMB, "headers": {**RAW, "Content-Encoding": "gzip"}}, 413,
+     "inflates to over the limit"),
+    ("gzip that is not", {"content": b"plain", "headers": {**RAW, "Content-Encoding": "gzip"}}, 400,
+     "not valid gzip"),
+    ("content encoding br", {"content": b"x", "headers": {**RAW, "Content-Encoding": "br"}}, 415,
+     "'br' is not accepted"),
 ]  # fmt: skip
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import gzip
 import re
+import tracemalloc
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -15,7 +19,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from timmserve.errors import RequestError
-from timmserve.payload import PayloadLimits, parse_predict_request
+from timmserve.payload import PayloadLimits, parse_predict_request, read_body
 
 LIMITS = PayloadLimits(max_body_bytes=16384, num_classes=10, default_top_k=5)  # room for 5,000-digit top_k
 IMAGE = b"\xff\xd8\xff\xe0 pretend JPEG bytes"
@@ -37,6 +41,22 @@ def client() -> TestClient:
 def parsed(response) -> tuple[bytes, int]:
     assert response.status_code == 200, response.text
     return base64.b64decode(response.json()["data"]), response.json()["top_k"]
+
+
+class StubReceive:
+    """An ASGI receive: the given chunks, then the end of the body."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks, self.calls = chunks, 0
+
+    async def __call__(self) -> dict:
+        self.calls += 1
+        return {"type": "http.request", "body": self.chunks[self.calls - 1], "more_body": self.calls < len(self.chunks)}
+
+
+def stub_request(chunks: list[bytes], *, headers=()) -> Request:
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": list(headers), "query_string": b""}
+    return Request(scope, StubReceive(chunks))
 
 
 def test_json_form(client):
@@ -187,3 +207,66 @@ def test_fuzzed_json_top_k_values_get_their_right_answer(client, top_k):
         assert response.status_code == 400 and "top_k" in response.json()["detail"], response.text
     else:
         assert parsed(response) == (IMAGE, expected)
+
+
+# --- Content-Encoding: gzip and deflate inflated, with the size limit after inflating ---
+
+
+@pytest.mark.parametrize(
+    ("coding", "compress"),
+    [
+        ("gzip", gzip.compress),
+        ("GZip", gzip.compress),
+        ("x-gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("identity", lambda data: data),
+        ("gzip", lambda data: gzip.compress(data[:10]) + gzip.compress(data[10:])),  # two gzip members
+    ],
+)
+def test_compressed_bodies_are_inflated(client, coding, compress):
+    headers = {"Content-Type": "image/jpeg", "Content-Encoding": coding}
+    assert parsed(client.post("/predict?top_k=2", content=compress(IMAGE), headers=headers)) == (IMAGE, 2)
+    json_body = b'{"image": "%s"}' % base64.b64encode(IMAGE)
+    headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+    assert parsed(client.post("/predict", content=compress(json_body), headers=headers)) == (IMAGE, 5)
+
+
+@pytest.mark.parametrize(
+    ("coding", "body", "status", "detail"),
+    [
+        ("gzip", gzip.compress(b"\0" * 10**6), 413, "the body inflates to over the limit of 16,384 bytes"),
+        ("deflate", zlib.compress(b"\0" * 16385), 413, "the body inflates to over the limit of 16,384 bytes"),
+        ("br", IMAGE, 415, "content encoding 'br' is not accepted; send gzip, deflate or none"),
+        ("gzip, deflate", IMAGE, 415, "content encoding 'gzip, deflate' is not accepted"),
+        ("gzip", IMAGE, 400, "the body is not valid gzip data (Error -3 while decompressing data: incorrect header"),
+        ("gzip", gzip.compress(IMAGE)[:-5], 400, "the gzip body is truncated"),
+        ("gzip", b"", 400, "the gzip body is truncated"),
+        ("deflate", zlib.compress(IMAGE) + b"more", 400, "the deflate body has data after its end"),
+    ],
+)
+def test_bad_compressed_bodies_name_the_problem(client, coding, body, status, detail):
+    response = client.post("/predict", content=body, headers={"Content-Type": "image/jpeg", "Content-Encoding": coding})
+    assert response.status_code == status, response.text
+    assert response.json()["detail"].startswith(detail)
+
+
+def test_a_bomb_stops_inflating_at_the_limit():
+    """100 MB of zeros is 100 kB of gzip, under the limit as sent: inflating stops at the limit,
+    instead of holding the 100 MB first."""
+    limits = PayloadLimits(max_body_bytes=2**20, num_classes=10, default_top_k=5)
+    bomb = gzip.compress(b"\0" * 10**8)
+    assert len(bomb) < limits.max_body_bytes
+    tracemalloc.start()
+    try:
+        with pytest.raises(RequestError, match="inflates to over the limit of 1,048,576 bytes") as raised:
+            asyncio.run(read_body(stub_request([bomb], headers=[(b"content-encoding", b"gzip")]), limits))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert raised.value.status_code == 413
+    assert peak < 4 * limits.max_body_bytes
+
+
+def test_a_content_length_that_is_not_ascii_digits_is_left_to_the_streamed_count():
+    request = stub_request([IMAGE], headers=[(b"content-length", "²".encode("latin-1"))])
+    assert asyncio.run(read_body(request, LIMITS)) == IMAGE

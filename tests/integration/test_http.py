@@ -1,0 +1,54 @@
+"""HTTP behaviour clients and load balancers rely on, against a real server on 127.0.0.1: compressed
+request bodies, Triton's own client included."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+
+from tests.conftest import CAT_LABELS
+
+MODEL = "tf_efficientnet_lite0"
+RAW = {"Content-Type": "application/octet-stream"}
+
+
+@pytest.fixture(scope="module")
+def server(start_module_server):
+    return start_module_server("--max-batch-size", "4")
+
+
+def top1(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"][0]["label"]
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_with_request_compression(server, photos, algorithm):
+    tensor = triton.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([photos["cat"]], dtype=np.object_))
+    with triton.InferenceServerClient(server.url.removeprefix("http://")) as client:
+        result = client.infer(MODEL, [tensor], request_compression_algorithm=algorithm)
+    assert result.as_numpy("label")[0, 0].decode() in CAT_LABELS
+
+
+@pytest.mark.parametrize(("coding", "compress"), [("gzip", gzip.compress), ("deflate", zlib.compress)])
+def test_compressed_predict_bodies(server, photos, coding, compress):
+    raw = {"Content-Type": "image/jpeg", "Content-Encoding": coding}
+    assert top1(httpx.post(f"{server.url}/predict", content=compress(photos["espresso"]), headers=raw)) == "espresso"
+    body = b'{"image": "%s"}' % base64.b64encode(photos["cat"])
+    headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+    assert top1(httpx.post(f"{server.url}/predict", content=compress(body), headers=headers)) in CAT_LABELS
+
+
+def test_a_gzip_bomb_is_a_413_and_an_unknown_coding_a_415(server):
+    bomb = gzip.compress(b"\0" * (64 * 2**20))  # 64 MiB of zeros in 64 kB: over --max-body-bytes once inflated
+    response = httpx.post(f"{server.url}/predict", content=bomb, headers={**RAW, "Content-Encoding": "gzip"})
+    assert response.status_code == 413 and "inflates to over the limit" in response.json()["detail"]
+    response = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=b"{}", headers={"Content-Encoding": "br"})
+    assert response.status_code == 415 and "'br' is not accepted" in response.json()["error"]
