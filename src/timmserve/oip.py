@@ -11,8 +11,6 @@ Errors are `{"error": "…"}` with a 4xx status, as the protocol specifies.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import struct
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from timmserve.errors import InvalidRequestError, RequestError
-from timmserve.payload import Prediction
+from timmserve.payload import Prediction, decode_base64
 
 INPUT_NAME = "image"
 OUTPUTS = {"label": "BYTES", "probability": "FP32"}
@@ -128,10 +126,7 @@ def _input_elements(tensor: dict[str, Any], binary: bytes) -> list[bytes]:
     flat = list(_flatten(data))
     if not all(isinstance(item, str) for item in flat):
         raise InvalidRequestError("BYTES data in JSON must be base64 strings of image files")
-    try:
-        return [base64.b64decode(item, validate=True) for item in flat]
-    except (binascii.Error, ValueError):
-        raise InvalidRequestError("BYTES data in JSON must be base64 strings of image files") from None
+    return [decode_base64(item, f'element {index} of input "{INPUT_NAME}"') for index, item in enumerate(flat)]
 
 
 def _deserialize_bytes(blob: bytes) -> list[bytes]:

@@ -8,6 +8,7 @@ Three body forms are accepted (DESIGN.md, HTTP contract):
 
 Any body may come gzip- or deflate-compressed (`Content-Encoding`), as Triton's client sends it with
 `request_compression_algorithm`; it is inflated here, and the size limit holds after inflating.
+Base64, here and in the Open Inference Protocol's JSON, is read by one rule (`decode_base64`).
 
 Only the encoded bytes travel on to the inference workers: base64 is undone here, and the image is
 decoded there, where a bad one fails only its own request.
@@ -15,7 +16,6 @@ decoded there, where a bad one fails only its own request.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import zlib
@@ -173,7 +173,7 @@ def _from_json(body: bytes, limits: PayloadLimits) -> ImageRequest:
     encoded = document["image"]
     if not isinstance(encoded, str):
         raise InvalidRequestError(f'"image" must be a base64 string, not {_json_type(encoded)}')
-    return ImageRequest(_decode_base64(encoded), check_top_k(document.get("top_k"), limits))
+    return ImageRequest(_nonempty(decode_base64(encoded, '"image"')), check_top_k(document.get("top_k"), limits))
 
 
 async def _from_multipart(request: Request, body: bytes, limits: PayloadLimits) -> ImageRequest:
@@ -195,15 +195,48 @@ async def _from_multipart(request: Request, body: bytes, limits: PayloadLimits) 
         await form.close()
 
 
-def _decode_base64(encoded: str) -> bytes:
-    # Accept data URLs ("data:image/png;base64,…") as browsers produce them.
-    if encoded.startswith("data:") and "," in encoded:
-        encoded = encoded.split(",", 1)[1]
+_BASE64_ALPHABETS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_="  # standard and URL-safe
+_BASE64_WHITESPACE = b" \t\r\n"  # line-wrapped base64: `base64` without -w0, base64.encodebytes, MIME
+_URL_SAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+
+
+def decode_base64(text: str, what: str) -> bytes:
+    """The bytes `text` encodes in base64, read by one rule wherever base64 comes in (`/predict`'s
+    "image", the Open Inference Protocol's BYTES in JSON). Accepted, as nothing else could be
+    meant: a `data:…;base64,` URI prefix (as browsers make), line breaks and spaces, the URL-safe
+    alphabet (`-_`), missing `=` padding. Raises InvalidRequestError naming `what` and the cause:
+    the first character outside base64 and its position in `text`, misplaced padding, or a length
+    no bytes encode."""
+    start = _data_uri_payload_start(text, what)
     try:
-        data = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequestError('"image" is not valid base64') from None
-    return _nonempty(data)
+        raw = text[start:].encode("ascii")
+    except UnicodeEncodeError as exc:
+        position = start + exc.start
+        raise _not_base64(what, f"invalid character {text[position]!r} at position {position}") from None
+    invalid = raw.translate(None, _BASE64_ALPHABETS + _BASE64_WHITESPACE)
+    if invalid:
+        position = start + raw.index(invalid[:1])
+        raise _not_base64(what, f"invalid character {text[position]!r} at position {position}")
+    digits = raw.translate(_URL_SAFE_TO_STANDARD, _BASE64_WHITESPACE).rstrip(b"=")
+    if b"=" in digits:
+        raise _not_base64(what, f"padding '=' at position {start + raw.index(b'=')} comes before the end")
+    if len(digits) % 4 == 1:  # 6 bits over: a truncated or corrupted text, not a missing '='
+        raise _not_base64(what, f"{len(digits):,} base64 characters do not make whole bytes (cut short?)")
+    return binascii.a2b_base64(digits + b"=" * (-len(digits) % 4))
+
+
+def _data_uri_payload_start(text: str, what: str) -> int:
+    """Where the base64 starts in `text`: after a `data:[<media type>];base64,` prefix, else 0."""
+    if not text.startswith("data:"):
+        return 0
+    comma = text.find(",")
+    if comma < 0 or not text[:comma].lower().endswith(";base64"):
+        raise _not_base64(what, 'a data: URI must say ";base64," before its data')
+    return comma + 1
+
+
+def _not_base64(what: str, cause: str) -> InvalidRequestError:
+    return InvalidRequestError(f"{what} is not valid base64: {cause}")
 
 
 def _nonempty(data: bytes) -> bytes:

@@ -89,6 +89,8 @@ BAD_INPUTS = [
     ("top_k of 5,000 digits", {"params": {"top_k": "1" * 5000}}, 400, "top_k"),
     ("top_k in JSON a superscript two", {"json_top_k": "²"}, 400, "top_k"),
     ("top_k in a form a superscript two", {"form_top_k": "²"}, 400, "top_k"),
+    ("base64 with a stray character", {"json": {"image": "aGVsbG8gd29y!bGQ="}}, 400,
+     "invalid character '!' at position 12"),
     ("gzip bomb", {"content": GZIP_BOMB, "headers": {**RAW, "Content-Encoding": "gzip"}}, 413,
      "inflates to over the limit"),
     ("gzip that is not", {"content": b"plain", "headers": {**RAW, "Content-Encoding": "gzip"}}, 400,

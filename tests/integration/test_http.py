@@ -1,5 +1,5 @@
 """HTTP behaviour clients and load balancers rely on, against a real server on 127.0.0.1: compressed
-request bodies, Triton's own client included."""
+request bodies (Triton's own client included) and base64 as encoders write it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import tritonclient.http as triton
 from tests.conftest import CAT_LABELS
 
 MODEL = "tf_efficientnet_lite0"
+
 RAW = {"Content-Type": "application/octet-stream"}
 
 
@@ -52,3 +53,33 @@ def test_a_gzip_bomb_is_a_413_and_an_unknown_coding_a_415(server):
     assert response.status_code == 413 and "inflates to over the limit" in response.json()["detail"]
     response = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=b"{}", headers={"Content-Encoding": "br"})
     assert response.status_code == 415 and "'br' is not accepted" in response.json()["error"]
+
+
+ENCODINGS = {
+    "wrapped at 76": lambda data: base64.encodebytes(data).decode(),
+    "URL-safe": lambda data: base64.urlsafe_b64encode(data).decode(),
+    "unpadded": lambda data: base64.b64encode(data).decode().rstrip("="),
+    "data URI": lambda data: "data:image/jpeg;base64," + base64.b64encode(data).decode(),
+}
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_base64_as_encoders_write_it_on_both_endpoints(server, photos, encoding):
+    text = ENCODINGS[encoding](photos["espresso"])
+    assert top1(httpx.post(f"{server.url}/predict", json={"image": text}, timeout=60)) == "espresso"
+    inputs = [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [text]}]
+    response = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json={"inputs": inputs}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"][0] == "espresso"
+
+
+def test_base64_errors_name_their_cause_on_both_endpoints(server):
+    response = httpx.post(f"{server.url}/predict", json={"image": "aGVsbG8gd29y!bGQ="})
+    assert response.status_code == 400
+    assert response.json()["detail"] == "\"image\" is not valid base64: invalid character '!' at position 12"
+    inputs = [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["aGk=", "aGk=aGk="]}]
+    response = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json={"inputs": inputs})
+    assert response.status_code == 400
+    assert response.json()["error"] == (
+        "element 1 of input \"image\" is not valid base64: padding '=' at position 3 comes before the end"
+    )

@@ -18,8 +18,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from timmserve.errors import RequestError
-from timmserve.payload import PayloadLimits, parse_predict_request, read_body
+from timmserve.errors import InvalidRequestError, RequestError
+from timmserve.payload import PayloadLimits, decode_base64, parse_predict_request, read_body
 
 LIMITS = PayloadLimits(max_body_bytes=16384, num_classes=10, default_top_k=5)  # room for 5,000-digit top_k
 IMAGE = b"\xff\xd8\xff\xe0 pretend JPEG bytes"
@@ -270,3 +270,50 @@ def test_a_bomb_stops_inflating_at_the_limit():
 def test_a_content_length_that_is_not_ascii_digits_is_left_to_the_streamed_count():
     request = stub_request([IMAGE], headers=[(b"content-length", "²".encode("latin-1"))])
     assert asyncio.run(read_body(request, LIMITS)) == IMAGE
+
+
+# --- base64: one rule for /predict and the Open Inference Protocol ---
+
+# Every byte value ('+' and '/' in the standard alphabet, '-' and '_' in the URL-safe one), and a
+# length (769) that base64 pads with '=='.
+DATA = bytes(range(256)) * 3 + b"!"
+STANDARD = base64.b64encode(DATA).decode()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        STANDARD,
+        base64.encodebytes(DATA).decode(),  # wrapped at 76 characters, a newline at the end
+        base64.encodebytes(DATA).decode().replace("\n", "\r\n"),
+        " " + STANDARD + " \t",
+        base64.urlsafe_b64encode(DATA).decode(),
+        STANDARD.rstrip("="),  # both '=' missing
+        STANDARD[:-1],  # one '=' missing
+        STANDARD + "=",  # more padding than needed
+        "data:image/jpeg;base64," + STANDARD,
+        "data:;BASE64," + base64.encodebytes(DATA).decode(),
+        # wrapped, URL-safe and unpadded at once
+        "\n".join(base64.urlsafe_b64encode(DATA).decode().rstrip("=")[i : i + 64] for i in range(0, 1028, 64)),
+    ],
+)
+def test_unambiguous_base64_is_accepted(text):
+    assert decode_base64(text, '"image"') == DATA
+
+
+@pytest.mark.parametrize(
+    ("text", "cause"),
+    [
+        ("aGVsbG8gd29y!bGQ=", "invalid character '!' at position 12"),
+        ("aGVsbG8=\u00e9", "invalid character 'é' at position 8"),
+        ("data:image/png;base64,aGk*", "invalid character '*' at position 25"),
+        ("aGk=aGk=", "padding '=' at position 3 comes before the end"),
+        ("aGVsb", "5 base64 characters do not make whole bytes (cut short?)"),
+        ("data:image/png,aGk=", 'a data: URI must say ";base64," before its data'),
+        ("data:image/png;base64", 'a data: URI must say ";base64," before its data'),
+    ],
+)
+def test_what_is_not_base64_is_named_with_its_cause(text, cause):
+    with pytest.raises(InvalidRequestError) as raised:
+        decode_base64(text, '"image"')
+    assert raised.value.detail == f'"image" is not valid base64: {cause}'
