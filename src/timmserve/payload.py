@@ -16,9 +16,11 @@ decoded there, where a bad one fails only its own request.
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import json
 import zlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,7 @@ from timmserve.errors import (
     ClientGoneError,
     InvalidRequestError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     UnsupportedMediaError,
 )
 
@@ -61,6 +64,7 @@ class PayloadLimits:
     max_body_bytes: int  # as sent and once inflated
     num_classes: int  # top_k may not exceed it
     default_top_k: int
+    body_timeout: float | None = None  # seconds a body may stall between two reads; None: no limit
 
 
 async def parse_predict_request(request: Request, limits: PayloadLimits) -> ImageRequest:
@@ -84,7 +88,8 @@ async def read_body(request: Request, limits: PayloadLimits) -> bytes:
 
     Raises PayloadTooLargeError (413) as soon as the body, as sent or inflated, is known to exceed
     `limits.max_body_bytes`; UnsupportedMediaError (415) for another content coding;
-    InvalidRequestError (400) for a compressed body that does not inflate; ClientGoneError when the
+    InvalidRequestError (400) for a compressed body that does not inflate; RequestTimeoutError
+    (408) when no byte of it arrives for `limits.body_timeout` seconds; ClientGoneError when the
     client disconnects first."""
     max_bytes = limits.max_body_bytes
     inflater = _inflater_for(request.headers.get("content-encoding", ""), max_bytes)
@@ -92,17 +97,29 @@ async def read_body(request: Request, limits: PayloadLimits) -> bytes:
     if declared is not None and declared > max_bytes:
         raise PayloadTooLargeError(f"the body is {declared:,} bytes; the limit is {max_bytes:,}")
     chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise PayloadTooLargeError(f"the body is over the limit of {max_bytes:,} bytes")
-            chunks.append(chunk if inflater is None else inflater.inflate(chunk))
-    except ClientDisconnect:
-        raise ClientGoneError("the client disconnected while sending its body") from None
+    async for chunk in _received(request, limits.body_timeout):
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLargeError(f"the body is over the limit of {max_bytes:,} bytes")
+        chunks.append(chunk if inflater is None else inflater.inflate(chunk))
     if inflater is not None:
         inflater.finish()
     return b"".join(chunks)
+
+
+async def _received(request: Request, stall_timeout: float | None) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive; RequestTimeoutError when none comes for `stall_timeout`
+    seconds (a stalled client would otherwise hold its connection and buffered body for ever)."""
+    stream = request.stream()
+    while True:
+        try:
+            yield await asyncio.wait_for(anext(stream), stall_timeout)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"no byte of the body arrived for {stall_timeout:g} s") from None
+        except ClientDisconnect:
+            raise ClientGoneError("the client disconnected while sending its body") from None
 
 
 # Content-Encoding → zlib's window bits for it: gzip (RFC 1952) and deflate, which HTTP defines as the

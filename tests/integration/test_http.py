@@ -1,10 +1,12 @@
 """HTTP behaviour clients and load balancers rely on, against a real server on 127.0.0.1: compressed
-request bodies (Triton's own client included) and base64 as encoders write it."""
+request bodies (Triton's own client included), base64 as encoders write it, and the bounds on how
+long and how large a request's head may be."""
 
 from __future__ import annotations
 
 import base64
 import gzip
+import socket
 import zlib
 
 import httpx
@@ -13,15 +15,19 @@ import pytest
 import tritonclient.http as triton
 
 from tests.conftest import CAT_LABELS
+from tests.unit.test_http_protocol import exchange, read_until_closed, refusal, request_head
+from timmserve.http_protocol import MAX_HEADER_BYTES, MAX_HEADERS
 
 MODEL = "tf_efficientnet_lite0"
+CLIENT_TIMEOUT = 2.0  # the server's --client-timeout, in seconds
+SLACK = 3.0  # how much later than due an answer may come on a busy machine
 
 RAW = {"Content-Type": "application/octet-stream"}
 
 
 @pytest.fixture(scope="module")
 def server(start_module_server):
-    return start_module_server("--max-batch-size", "4")
+    return start_module_server("--max-batch-size", "4", "--client-timeout", str(CLIENT_TIMEOUT))
 
 
 def top1(response: httpx.Response) -> str:
@@ -83,3 +89,26 @@ def test_base64_errors_name_their_cause_on_both_endpoints(server):
     assert response.json()["error"] == (
         "element 1 of input \"image\" is not valid base64: padding '=' at position 3 comes before the end"
     )
+
+
+def test_headers_that_stall_get_a_408(server):
+    response, closed_after = exchange(server.port, b"POST /predict HTTP/1.1\r\nHost: x\r\n", CLIENT_TIMEOUT + SLACK)
+    assert closed_after is not None and closed_after >= CLIENT_TIMEOUT * 0.9
+    assert refusal(response)[0] == 408
+
+
+def test_a_body_that_stalls_gets_a_408_and_the_connection_closes(server):
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head + b"\xff\xd8 only ten")
+        response, closed_after = read_until_closed(sock, CLIENT_TIMEOUT + SLACK)
+    assert closed_after is not None and closed_after >= CLIENT_TIMEOUT * 0.9
+    assert refusal(response) == (408, f"no byte of the body arrived for {CLIENT_TIMEOUT:g} s")
+
+
+def test_heads_over_the_limits_get_a_431(server):
+    too_many = [(f"X-Field-{i}", "1") for i in range(MAX_HEADERS)]
+    assert refusal(exchange(server.port, request_head(*too_many), SLACK)[0])[0] == 431
+    too_large = ("X-Big", "v" * MAX_HEADER_BYTES)
+    assert refusal(exchange(server.port, request_head(too_large), SLACK)[0])[0] == 431
+    assert httpx.get(f"{server.url}/health").status_code == 200  # and the server serves on

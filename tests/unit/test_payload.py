@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from timmserve.errors import InvalidRequestError, RequestError
+from timmserve.errors import InvalidRequestError, RequestError, RequestTimeoutError
 from timmserve.payload import PayloadLimits, decode_base64, parse_predict_request, read_body
 
 LIMITS = PayloadLimits(max_body_bytes=16384, num_classes=10, default_top_k=5)  # room for 5,000-digit top_k
@@ -44,19 +44,23 @@ def parsed(response) -> tuple[bytes, int]:
 
 
 class StubReceive:
-    """An ASGI receive: the given chunks, then the end of the body."""
+    """An ASGI receive: the given chunks, each after `pause` seconds, then (stall) nothing, ever."""
 
-    def __init__(self, chunks: list[bytes]) -> None:
-        self.chunks, self.calls = chunks, 0
+    def __init__(self, chunks: list[bytes], pause: float = 0.0, stall: bool = False) -> None:
+        self.chunks, self.pause, self.stall, self.calls = chunks, pause, stall, 0
 
     async def __call__(self) -> dict:
         self.calls += 1
-        return {"type": "http.request", "body": self.chunks[self.calls - 1], "more_body": self.calls < len(self.chunks)}
+        if self.calls > len(self.chunks):
+            await asyncio.sleep(3600)  # a client that stopped sending
+        await asyncio.sleep(self.pause)
+        more = self.stall or self.calls < len(self.chunks)
+        return {"type": "http.request", "body": self.chunks[self.calls - 1], "more_body": more}
 
 
-def stub_request(chunks: list[bytes], *, headers=()) -> Request:
+def stub_request(chunks: list[bytes], *, pause: float = 0.0, stall: bool = False, headers=()) -> Request:
     scope = {"type": "http", "method": "POST", "path": "/predict", "headers": list(headers), "query_string": b""}
-    return Request(scope, StubReceive(chunks))
+    return Request(scope, StubReceive(chunks, pause, stall))
 
 
 def test_json_form(client):
@@ -270,6 +274,23 @@ def test_a_bomb_stops_inflating_at_the_limit():
 def test_a_content_length_that_is_not_ascii_digits_is_left_to_the_streamed_count():
     request = stub_request([IMAGE], headers=[(b"content-length", "²".encode("latin-1"))])
     assert asyncio.run(read_body(request, LIMITS)) == IMAGE
+
+
+# --- a body that stalls: 408 (and the connection closed), not held for ever ---
+
+
+def test_a_body_that_stalls_past_the_timeout_is_a_408_that_closes_the_connection():
+    limits = PayloadLimits(max_body_bytes=4096, num_classes=10, default_top_k=5, body_timeout=0.2)
+    reading = read_body(stub_request([b"part of a body"], stall=True), limits)
+    with pytest.raises(RequestTimeoutError, match="no byte of the body arrived for 0.2 s") as raised:
+        asyncio.run(asyncio.wait_for(reading, 10))  # bounded: without the timeout, a TimeoutError
+    assert raised.value.status_code == 408 and raised.value.headers == {"Connection": "close"}
+
+
+def test_the_body_timeout_bounds_each_pause_not_the_whole_body():
+    limits = PayloadLimits(max_body_bytes=4096, num_classes=10, default_top_k=5, body_timeout=0.2)
+    chunks = [b"a" * 100] * 6  # 6 × 0.1 s: longer than the timeout in all, each pause shorter
+    assert asyncio.run(read_body(stub_request(chunks, pause=0.1), limits)) == b"a" * 600
 
 
 # --- base64: one rule for /predict and the Open Inference Protocol ---
