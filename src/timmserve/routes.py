@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from timmserve import __version__, oip
 from timmserve.classifier import Result
 from timmserve.errors import InternalError, RequestError, UnknownModelError
-from timmserve.middleware import ApiKeyAuth, RequestContext, ResponseHeaders, request_id_of
+from timmserve.middleware import ApiKeyAuth, HeadAsGet, RequestContext, ResponseHeaders, request_id_of
 from timmserve.payload import (
     ImageRequest,
     PayloadLimits,
@@ -137,13 +137,15 @@ async def error_response(request: Request, error: Exception) -> JSONResponse:
 
 def install(app: FastAPI, service: InferenceService, *, api_key: str | None, random_weights: bool) -> None:
     """Give an engine's FastAPI app timmserve's HTTP contract: the inference endpoints, the error
-    path, and the middlewares (request id + access log + HTTP metrics outermost, then the
-    random-weights header on every response, then the API key). Call after the engine added its own routes."""
+    path, and the middlewares (request id + access log + HTTP metrics outermost, then HEAD answered
+    as GET without its body, then the random-weights header on every response, then the API key).
+    Call after the engine added its own routes."""
     add_inference_routes(app, service)
     app.add_exception_handler(RequestError, error_response)
     if api_key is not None:
         app.add_middleware(ApiKeyAuth, api_key=api_key)
     if random_weights:  # random weights serve meaningless answers: every response says so, 401s too
         app.add_middleware(ResponseHeaders, headers={RANDOM_WEIGHTS_HEADER: "true; throughput studies only"})
+    app.add_middleware(HeadAsGet)  # every GET route: timmserve's, and LitServe's /health and /info
     known_paths = frozenset(route.path for route in app.routes if "{" not in getattr(route, "path", "{"))
     app.add_middleware(RequestContext, known_paths=known_paths)  # outermost: added last

@@ -1,11 +1,12 @@
-"""HTTP behaviour clients and load balancers rely on, against a real server on 127.0.0.1: compressed
-request bodies (Triton's own client included), base64 as encoders write it, and the bounds on how
-long and how large a request's head may be."""
+"""HTTP behaviour clients and load balancers rely on, against a real server on 127.0.0.1: HEAD on
+every GET route, compressed request bodies (Triton's own client included), base64 as encoders
+write it, and the bounds on how long and how large a request's head may be."""
 
 from __future__ import annotations
 
 import base64
 import gzip
+import json
 import socket
 import zlib
 
@@ -23,6 +24,20 @@ CLIENT_TIMEOUT = 2.0  # the server's --client-timeout, in seconds
 SLACK = 3.0  # how much later than due an answer may come on a busy machine
 
 RAW = {"Content-Type": "application/octet-stream"}
+GET_ROUTES = [
+    "/health",
+    "/",
+    "/info",
+    "/metrics",
+    "/docs",
+    "/openapi.json",
+    "/v2",
+    "/v2/health/live",
+    "/v2/health/ready",
+    f"/v2/models/{MODEL}",
+    f"/v2/models/{MODEL}/ready",
+    "/v2/models/no-such-model",  # 404 to both
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +48,26 @@ def server(start_module_server):
 def top1(response: httpx.Response) -> str:
     assert response.status_code == 200, response.text
     return response.json()["predictions"][0]["label"]
+
+
+@pytest.mark.parametrize("path", GET_ROUTES)
+def test_head_answers_as_get_without_the_body(server, path):
+    get, head = httpx.get(server.url + path), httpx.head(server.url + path)
+    assert head.status_code == get.status_code and head.content == b""
+    assert head.headers.get("content-type") == get.headers.get("content-type")
+    assert head.headers["x-request-id"]
+
+
+def test_head_then_get_on_one_kept_alive_connection(server):
+    """The HEAD answer ends at its headers, so the GET answer after it on the connection comes whole."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            b"HEAD /info HTTP/1.1\r\nHost: x\r\n\r\n" + b"GET /info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        answers, _ = read_until_closed(sock, SLACK)
+    head, get = answers.split(b"HTTP/1.1 ")[1:]
+    assert head.startswith(b"200 ") and head.endswith(b"\r\n\r\n")
+    assert get.startswith(b"200 ") and json.loads(get.partition(b"\r\n\r\n")[2])["model"]
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])

@@ -1,16 +1,18 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
 import pytest
+from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from timmserve.logs import JsonFormatter, TextFormatter
-from timmserve.middleware import ApiKeyAuth, RequestContext, endpoint_label, request_id_of
+from timmserve.middleware import ApiKeyAuth, HeadAsGet, RequestContext, endpoint_label, request_id_of
 
 KNOWN = frozenset({"/predict", "/health", "/metrics"})
 
@@ -59,6 +61,42 @@ def test_request_id_is_kept_when_sane_and_made_when_not(client):
     assert made.headers["X-Request-ID"] != "x" * 200 and len(made.headers["X-Request-ID"]) == 32
     refused = client.get("/predict")
     assert refused.status_code == 401 and refused.headers["X-Request-ID"]  # 401s carry an id too
+
+
+def test_head_is_get_without_the_body():
+    seen, sent = [], []
+
+    async def app(scope, receive, send):
+        seen.append(scope["method"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"9")]})
+        await send({"type": "http.response.body", "body": b"some text"})
+
+    async def record(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "HEAD", "path": "/info", "headers": []}
+    asyncio.run(HeadAsGet(app)(scope, None, record))
+    assert seen == ["GET"] and scope["method"] == "HEAD"  # the server's own scope still says HEAD
+    assert sent[0] == {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"9")]}
+    assert sent[1] == {"type": "http.response.body", "body": b""}
+
+
+def test_head_answers_on_fastapi_get_routes_only():
+    app = FastAPI()  # FastAPI's routes, unlike Starlette's, answer only the methods they declare
+
+    @app.get("/info")
+    async def info() -> PlainTextResponse:
+        return PlainTextResponse("some text")
+
+    @app.post("/predict")
+    async def predict() -> PlainTextResponse:
+        return PlainTextResponse("posted")
+
+    app.add_middleware(HeadAsGet)
+    client = TestClient(app)
+    assert client.head("/info").status_code == 200 and client.get("/info").text == "some text"
+    assert client.head("/predict").status_code == client.get("/predict").status_code == 405
+    assert client.head("/nowhere").status_code == 404 and client.post("/predict").text == "posted"
 
 
 def _record(**extra) -> logging.LogRecord:
