@@ -148,6 +148,12 @@ class ServeConfig(Settings):
     timeout: float = setting(
         30.0, "Seconds from admission to answer (queue wait and inference) before a 504 frees the slot.", gt=0
     )
+    client_timeout: float = setting(
+        30.0,
+        "Seconds a client gets to send its request headers, and the longest its body may pause; past either: "
+        "408 and the connection closed.",
+        gt=0,
+    )
     max_queue: int | None = setting(
         None,
         "Images admitted and not yet answered, over all API servers; beyond it a 503 with Retry-After at "

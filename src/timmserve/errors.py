@@ -8,6 +8,7 @@
         ├── InvalidRequestError     400: malformed body, missing field, bad top_k
         ├── InvalidImageError       400: the bytes are not a decodable image
         ├── PayloadTooLargeError    413: body or pixel count over the limit
+        ├── RequestTimeoutError     408: the client stopped sending its body (the connection is closed)
         ├── UnknownModelError       404: no model of that name (Open Inference Protocol URLs)
         ├── UnsupportedMediaError   415: content type or image format not accepted
         ├── UnavailableError        503, with Retry-After
@@ -82,6 +83,17 @@ class PayloadTooLargeError(RequestError):
         return cls(
             f"the request has {count} images; this server admits at most {limit} at once (--max-queue): split it"
         )
+
+
+class RequestTimeoutError(RequestError):
+    """408: the client took too long sending its request; the answer closes the connection, whose
+    unread rest could not be told apart from a next request."""
+
+    status_code = 408
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.headers["Connection"] = "close"
 
 
 class UnknownModelError(RequestError):

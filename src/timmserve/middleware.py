@@ -3,6 +3,8 @@
 - RequestContext (outermost): a request id (the client's `X-Request-ID` when it is a sane token,
   else a new one; behind Ray Serve's proxy, the proxy's) on the response and in the access log
   line, the request counter and latency histogram by endpoint and status.
+- HeadAsGet: HEAD answered on every GET route, as GET without the body (FastAPI's routes answer
+  only the methods they were declared with, so HEAD got 405).
 - ResponseHeaders: fixed headers on every response (the random-weights warning).
 - ApiKeyAuth: with an API key set, every route but the probes and the static pages answers 401
   without it. The key is compared in constant time.
@@ -104,6 +106,27 @@ class RequestContext:
                     "client": (scope.get("client") or ("-",))[0],
                 },
             )
+
+
+class HeadAsGet:
+    """HEAD is GET without the body (RFC 9110, 9.3.2): the same status and headers, on every route.
+    Done here, not by adding HEAD to each route, so the OpenAPI document keeps one operation each."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        # A copy: the server's own scope keeps saying HEAD (uvicorn then writes no body either).
+        await self.app({**scope, "method": "GET"}, receive, send_without_body)
 
 
 class ResponseHeaders:

@@ -15,10 +15,7 @@ and a request that does not fit is one 400 naming the field.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import re
 import struct
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -27,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from timmserve.errors import InvalidRequestError, RequestError
-from timmserve.payload import Prediction
+from timmserve.payload import Prediction, decimal_int, decode_base64
 
 INPUT_NAME = "image"
 OUTPUTS = {"label": "BYTES", "probability": "FP32"}
@@ -163,10 +160,10 @@ def error_body(error: RequestError | str) -> dict[str, str]:
 def _json_size(header_length: str | None, body_size: int) -> int:
     if header_length is None:
         return body_size
-    # ASCII digits only: str.isdigit() also accepts "²", which int() then rejects.
-    if not re.fullmatch(r"[0-9]{1,12}", header_length) or int(header_length) > body_size:
+    size = decimal_int(header_length)
+    if size is None or size > body_size:
         raise InvalidRequestError(f"{HEADER_LENGTH} must be the JSON header's size, at most the body's")
-    return int(header_length)
+    return size
 
 
 def _input_elements(tensor: InputTensor, binary: bytes) -> list[bytes]:
@@ -180,10 +177,7 @@ def _input_elements(tensor: InputTensor, binary: bytes) -> list[bytes]:
     flat = list(_flatten(tensor.data))
     if not all(isinstance(item, str) for item in flat):
         raise InvalidRequestError("BYTES data in JSON must be base64 strings of image files")
-    try:
-        return [base64.b64decode(item, validate=True) for item in flat]
-    except (binascii.Error, ValueError):
-        raise InvalidRequestError("BYTES data in JSON must be base64 strings of image files") from None
+    return [decode_base64(item, f'element {index} of input "{INPUT_NAME}"') for index, item in enumerate(flat)]
 
 
 def _deserialize_bytes(blob: bytes) -> list[bytes]:

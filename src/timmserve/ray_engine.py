@@ -171,7 +171,7 @@ class ClassifierReplica:
 
         service = routes.InferenceService(
             model_name=oip_model_name(info),
-            limits=PayloadLimits(config.max_body_bytes, info.num_classes, config.top_k),
+            limits=PayloadLimits.of(config, info.num_classes),
             classify=self.classify,
             ready=lambda: True,  # as /health
             # Set by build_app where the replicas share a directory: every scrape merges them all.

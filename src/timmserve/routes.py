@@ -29,7 +29,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from timmserve import __version__, oip, openapi
 from timmserve.classifier import Result
 from timmserve.errors import InternalError, RequestError, UnknownModelError
-from timmserve.middleware import ApiKeyAuth, RequestContext, ResponseHeaders, request_id_of
+from timmserve.middleware import ApiKeyAuth, HeadAsGet, RequestContext, ResponseHeaders, request_id_of
 from timmserve.payload import (
     ImageRequest,
     PayloadLimits,
@@ -111,7 +111,7 @@ def add_inference_routes(app: FastAPI, service: InferenceService) -> None:
     async def v2_infer(model_name: str, request: Request) -> Response:
         """One OIP inference request: each of its images goes through the batcher on its own."""
         _check_model_name(model_name, service)
-        body = await read_body(request, service.limits.max_body_bytes)
+        body = await read_body(request, service.limits)
         infer_request = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH))
         top_k = check_top_k(infer_request.top_k, service.limits)
         results = await service.classify([ImageRequest(data, top_k) for data in infer_request.images], request)
@@ -157,7 +157,8 @@ def install(
 ) -> None:
     """Give an engine's FastAPI app timmserve's HTTP contract: the inference endpoints, the demo
     page, the OpenAPI document, the error path, and the middlewares (request id + access log +
-    HTTP metrics outermost, then the random-weights header on every response, then the API key).
+    HTTP metrics outermost, then HEAD answered as GET without its body, then the random-weights
+    header on every response, then the API key).
     `proxy_sets_request_id`: the app runs behind Ray Serve's proxy, which sets `X-Request-ID`
     itself (see RequestContext). Call after the engine added its own routes."""
     add_inference_routes(app, service)
@@ -168,6 +169,7 @@ def install(
         app.add_middleware(ApiKeyAuth, api_key=api_key)
     if random_weights:  # random weights serve meaningless answers: every response says so, 401s too
         app.add_middleware(ResponseHeaders, headers={RANDOM_WEIGHTS_HEADER: "true; throughput studies only"})
+    app.add_middleware(HeadAsGet)  # every GET route: timmserve's, and LitServe's /health and /info
     known_paths = frozenset(route.path for route in app.routes if "{" not in getattr(route, "path", "{"))
     # Outermost: added last.
     app.add_middleware(RequestContext, known_paths=known_paths, proxy_sets_id=proxy_sets_request_id)

@@ -26,6 +26,7 @@ from timmserve.admission import Admission
 from timmserve.config import ServeConfig
 from timmserve.errors import ModelLoadError
 from timmserve.frontend import QUEUE_PATH, QueueFrontend
+from timmserve.http_protocol import limited_protocol
 from timmserve.logs import configure_logging
 from timmserve.payload import PayloadLimits
 from timmserve.startup import oip_model_name, prepare
@@ -174,7 +175,7 @@ def build_server(config: ServeConfig) -> TimmServer:
     server.monitor_internal = 0.1
     service = routes.InferenceService(
         model_name=oip_model_name(prepared.info),
-        limits=PayloadLimits(config.max_body_bytes, prepared.info.num_classes, config.top_k),
+        limits=PayloadLimits.of(config, prepared.info.num_classes),
         classify=frontend.classify,
         ready=frontend.ready,
         metrics=lambda: metrics.render(admission),
@@ -200,6 +201,7 @@ def run_server(config: ServeConfig) -> None:
                 generate_client_file=False,
                 access_log=False,  # timmserve.access logs each request, with its request id
                 log_config=log_config,
+                http=limited_protocol(config.client_timeout),  # bounds on request heads (uvicorn keeps none)
             )
         except RuntimeError as exc:
             if "workers failed to start" in str(exc):

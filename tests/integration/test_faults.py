@@ -5,6 +5,7 @@ all sent while a steady stream of good requests runs against the same server."""
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import struct
 import threading
@@ -46,6 +47,8 @@ def b64(data: bytes) -> str:
 
 
 RAW = {"Content-Type": "application/octet-stream"}
+# 32 MiB of zeros in 32 kB: under this module's body limit as sent, over every server's once inflated
+GZIP_BOMB = gzip.compress(bytes(32 * 2**20))
 JPEG = {"Content-Type": "image/jpeg"}
 
 # (case, request keyword arguments, status, words the detail must contain)
@@ -82,6 +85,18 @@ BAD_INPUTS = [
     ("top_k over the classes", {"params": {"top_k": 1001}}, 400, "top_k"),
     ("top_k in JSON a list", {"json_top_k": [3]}, 400, "top_k"),
     ("top_k in JSON true", {"json_top_k": True}, 400, "top_k"),
+    ("top_k a superscript two", {"params": {"top_k": "²"}}, 400, "top_k"),
+    ("top_k of 5,000 digits", {"params": {"top_k": "1" * 5000}}, 400, "top_k"),
+    ("top_k in JSON a superscript two", {"json_top_k": "²"}, 400, "top_k"),
+    ("top_k in a form a superscript two", {"form_top_k": "²"}, 400, "top_k"),
+    ("base64 with a stray character", {"json": {"image": "aGVsbG8gd29y!bGQ="}}, 400,
+     "invalid character '!' at position 12"),
+    ("gzip bomb", {"content": GZIP_BOMB, "headers": {**RAW, "Content-Encoding": "gzip"}}, 413,
+     "inflates to over the limit"),
+    ("gzip that is not", {"content": b"plain", "headers": {**RAW, "Content-Encoding": "gzip"}}, 400,
+     "not valid gzip"),
+    ("content encoding br", {"content": b"x", "headers": {**RAW, "Content-Encoding": "br"}}, 415,
+     "'br' is not accepted"),
 ]  # fmt: skip
 
 
@@ -118,6 +133,8 @@ def send_case(url: str, photos: dict[str, bytes], kwargs: dict) -> httpx.Respons
         kwargs.update(content=photos["cat"], headers=RAW)
     if "json_top_k" in kwargs:
         kwargs = {"json": {"image": b64(photos["cat"]), "top_k": kwargs["json_top_k"]}}
+    if "form_top_k" in kwargs:
+        kwargs = {"files": {"image": ("cat.jpg", photos["cat"])}, "data": {"top_k": kwargs["form_top_k"]}}
     return httpx.post(f"{url}/predict", timeout=60, **kwargs)
 
 

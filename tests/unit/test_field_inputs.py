@@ -168,7 +168,7 @@ def test_every_oip_field_is_checked_by_type_naming_it(header, words):
     assert caught.value.detail.startswith(words), caught.value.detail
 
 
-@pytest.mark.parametrize("length", ["²", "1e3", "-1", " 12", "9" * 5000, "١٢"])
+@pytest.mark.parametrize("length", ["²", "1e3", "-1", "0x10", "9" * 5000, "١٢"])
 def test_the_header_length_is_ascii_digits_only(length):
     with pytest.raises(InvalidRequestError, match="Inference-Header-Content-Length must be"):
         oip.parse_infer_request(b'{"inputs": []}', length)

@@ -5,6 +5,7 @@ import json
 import logging
 
 import pytest
+from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -12,7 +13,7 @@ from starlette.testclient import TestClient
 
 from timmserve import metrics
 from timmserve.logs import JsonFormatter, TextFormatter
-from timmserve.middleware import ApiKeyAuth, RequestContext, endpoint_label, request_id_of
+from timmserve.middleware import ApiKeyAuth, HeadAsGet, RequestContext, endpoint_label, request_id_of
 
 KNOWN = frozenset({"/predict", "/health", "/metrics"})
 
@@ -89,6 +90,42 @@ def test_a_request_cancelled_because_its_client_left_counts_as_499(monkeypatch):
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(call())
     assert counted("499") == before + 1
+
+
+def test_head_is_get_without_the_body():
+    seen, sent = [], []
+
+    async def app(scope, receive, send):
+        seen.append(scope["method"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"9")]})
+        await send({"type": "http.response.body", "body": b"some text"})
+
+    async def record(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "HEAD", "path": "/info", "headers": []}
+    asyncio.run(HeadAsGet(app)(scope, None, record))
+    assert seen == ["GET"] and scope["method"] == "HEAD"  # the server's own scope still says HEAD
+    assert sent[0] == {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"9")]}
+    assert sent[1] == {"type": "http.response.body", "body": b""}
+
+
+def test_head_answers_on_fastapi_get_routes_only():
+    app = FastAPI()  # FastAPI's routes, unlike Starlette's, answer only the methods they declare
+
+    @app.get("/info")
+    async def info() -> PlainTextResponse:
+        return PlainTextResponse("some text")
+
+    @app.post("/predict")
+    async def predict() -> PlainTextResponse:
+        return PlainTextResponse("posted")
+
+    app.add_middleware(HeadAsGet)
+    client = TestClient(app)
+    assert client.head("/info").status_code == 200 and client.get("/info").text == "some text"
+    assert client.head("/predict").status_code == client.get("/predict").status_code == 405
+    assert client.head("/nowhere").status_code == 404 and client.post("/predict").text == "posted"
 
 
 def _record(**extra) -> logging.LogRecord:

@@ -89,7 +89,7 @@ def create_app() -> FastAPI:
 
     service = routes.InferenceService(
         model_name=oip_model_name(prepared.info),
-        limits=PayloadLimits(config.max_body_bytes, prepared.info.num_classes, config.top_k),
+        limits=PayloadLimits.of(config, prepared.info.num_classes),
         classify=classify,
         ready=ready,
     )

@@ -1,0 +1,119 @@
+"""Limits on a request's head (request line and headers), where uvicorn keeps none: the LitServe
+engine's API servers speak HTTP/1.1 through `LimitedHttpProtocol`, uvicorn's httptools protocol
+with the bounds nginx keeps too.
+
+Without them a client that never finishes its headers holds its connection for ever, and one
+128 MiB header value costs an API server seconds of CPU (httptools joins a value's pieces one by
+one) while every other request on it waits. Here:
+
+- the head may be at most MAX_HEADER_BYTES long and carry MAX_HEADERS fields: else 431;
+- it must arrive within `client_timeout` seconds, counted from the connection's start for its first
+  request and from the first byte of each later one: else 408. A connection that sends nothing
+  in that time is closed without an answer, as uvicorn closes an idle kept-alive one.
+
+Each answer is `{"detail": …}` with `Connection: close`, and the connection closes: the rest of what
+the client sent cannot be told apart from a next request. A body that stalls is payload.read_body's
+to answer (408, through the app), the application having started by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+MAX_HEADER_BYTES = 32 * 1024  # nginx's default: 4 buffers of 8 KiB
+MAX_HEADERS = 100  # Apache's default (LimitRequestFields)
+
+
+class _HeadRefused(Exception):
+    """Raised in a parser callback to stop parsing a request that was answered already."""
+
+
+class LimitedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with limits on each request's head (see the module doc)."""
+
+    client_timeout: float  # seconds, given by `limited_protocol` (--client-timeout)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._receiving_head = False  # between a request's first byte and the end of its headers
+        self._head_bytes = 0  # read while the head was incomplete, the read that began it not counted
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self.client_timeout, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._receiving_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # httptools reports a header only once it is whole: a head still incomplete after this
+        # many bytes is refused here, before the parser is fed more of it.
+        if self._receiving_head and self._head_bytes > MAX_HEADER_BYTES:
+            self._refuse(431, f"the request line and headers are over the limit of {MAX_HEADER_BYTES:,} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._receiving_head = True
+        self._head_bytes = 0
+        if self._head_timer is None:  # a later request on a kept-alive connection
+            self._head_timer = self.loop.call_later(self.client_timeout, self._head_timed_out)
+
+    def on_headers_complete(self) -> None:
+        self._receiving_head = False
+        self._stop_head_timer()
+        size = len(self.url) + sum(len(name) + len(value) for name, value in self.headers)
+        if len(self.headers) > MAX_HEADERS:
+            self._refuse(431, f"the request has {len(self.headers):,} header fields; the limit is {MAX_HEADERS}")
+        elif size > MAX_HEADER_BYTES:
+            self._refuse(431, f"the request line and headers are {size:,} bytes; the limit is {MAX_HEADER_BYTES:,}")
+        else:
+            super().on_headers_complete()  # starts the application
+            return
+        # The parser stops: no application, nothing after the head read. uvicorn takes this for a
+        # parse error: it logs "Invalid HTTP request received." and its 400 goes nowhere (closed).
+        raise _HeadRefused
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._receiving_head:
+            self._refuse(408, f"the request headers did not arrive within {self.client_timeout:g} s")
+        else:
+            self.transport.close()  # the connection sent nothing: there is no request to answer
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _refuse(self, status: int, detail: str) -> None:
+        """Answer `status` with `detail`, then close the connection."""
+        if self.transport.is_closing():
+            return
+        self._stop_head_timer()
+        self.logger.warning("answered %d and closed the connection: %s", status, detail)
+        body = json.dumps({"detail": detail}).encode()
+        headers = [
+            *self.server_state.default_headers,
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            (b"x-request-id", uuid.uuid4().hex.encode()),  # every response carries one (DESIGN.md)
+        ]
+        head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+        self.transport.write(STATUS_LINE[status] + head + b"\r\n" + body)
+        self.transport.close()
+
+
+def limited_protocol(client_timeout: float) -> type[LimitedHttpProtocol]:
+    """uvicorn's `http=` argument: LimitedHttpProtocol with `client_timeout` (seconds)."""
+    return type(LimitedHttpProtocol.__name__, (LimitedHttpProtocol,), {"client_timeout": client_timeout})
