@@ -222,7 +222,7 @@ def test_a_dead_worker_loses_no_request_and_is_reported_at_once(start_server, ph
 
 def test_the_request_timeout_answers_504_and_frees_the_slot(start_server, photos):
     timeout = 0.25
-    server = start_server("--max-batch-size", "1", "--timeout", str(timeout), *JSON_ACCESS_LOG)
+    server = start_server("--max-batch-size", "1", "--timeout", str(timeout), *JSON_ACCESS_LOG, *ONE_SLOW_WORKER)
     # More images than the worker classifies in 0.25 s on an idle machine, sent at once (one client:
     # a client per request spends the CPU on its own TLS context first, spreading the burst out).
     sent = 48
@@ -259,7 +259,7 @@ def _finished_at(fn, *args) -> tuple[httpx.Response, float]:
 
 
 def test_clients_that_disconnect_give_their_slots_back(start_server, photos):
-    server = start_server("--max-batch-size", "1")
+    server = start_server("--max-batch-size", "1", *ONE_SLOW_WORKER)
     request = (
         f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
         f"Content-Length: {len(photos['cat'])}\r\n\r\n"

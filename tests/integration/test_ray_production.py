@@ -52,19 +52,20 @@ def test_a_setting_ray_cannot_honour_is_refused_in_one_line_before_ray_starts():
     ]
 
 
-def png(side: int) -> bytes:
-    """A white square PNG: a small file whose decode takes time (about 1.4 s at 8000 here)."""
+def slow_image(side: int) -> bytes:
+    """A square lossless RGBA WebP: a 2 KB file whose decode takes time (about 1.5 s at 8000 here,
+    Pillow's WebP decoder has no reduced-size decode)."""
     data = io.BytesIO()
-    Image.new("RGB", (side, side), "white").save(data, "PNG")
+    Image.new("RGBA", (side, side), (255, 255, 255, 128)).save(data, "WEBP", lossless=True)
     return data.getvalue()
 
 
 def test_the_request_timeout_answers_504_from_the_replica(keyed_server, photos):
-    """Two slow images on a replica that takes one at a time: the second waits, and its request
-    gets the 504 with the LitServe engine's detail."""
-    huge = png(8000)
-    with ThreadPoolExecutor(2) as pool:
-        slow = list(pool.map(lambda _: predict(keyed_server.url, huge, headers=WITH_KEY), range(2)))
+    """Slow images on a replica that takes one at a time: the later ones wait past the timeout, and
+    their requests get the 504 with the LitServe engine's detail."""
+    huge = slow_image(8000)
+    with ThreadPoolExecutor(4) as pool:
+        slow = list(pool.map(lambda _: predict(keyed_server.url, huge, headers=WITH_KEY), range(4)))
     assert {r.status_code for r in slow} <= {200, 504} and 504 in {r.status_code for r in slow}, slow
     for response in slow:
         if response.status_code == 504:
@@ -78,7 +79,7 @@ def test_beyond_the_queue_bound_ray_answers_503_with_retry_after(keyed_server, p
     """Ray's own bound (`max_queued_requests` = --max-queue, at the proxy): its 503 carries the
     LitServe engine's Retry-After, with Ray's plain-text body."""
     clients = 6 * QUEUE_LIMIT  # far more than the replica's two requests and the queue hold
-    image = png(1000)  # about 25 ms each: the clients outpace the replica
+    image = slow_image(1000)  # some tens of ms each: the clients outpace the replica
 
     def send(http: httpx.Client) -> tuple[int, str | None]:
         response = predict(keyed_server.url, image, client=http, headers=WITH_KEY)
