@@ -171,7 +171,13 @@ def answered_or_refused_while_draining(server, photos: dict[str, bytes], headers
     stopping.set()
     for thread in threads:
         thread.join(timeout=60)
-    assert {outcome for outcome, _ in outcomes} <= {"200", "503", "refused"}, outcomes
+    # A connection the kernel completed just before the listening socket closed, which uvicorn never
+    # accepted, is reset (ReadError; seen here about once in five runs): never admitted, like a
+    # refused one — allowed during the drain only. Requests admitted before the signal must be 200s.
+    resets = {"ReadError", "RemoteProtocolError"}
+    expected = {"200", "503", "refused"}
+    unexpected = [(o, when) for o, when in outcomes if o not in expected and not (o in resets and when >= signalled)]
+    assert not unexpected, outcomes
     assert any(outcome == "200" and when > signalled for outcome, when in outcomes), "nothing in flight was answered"
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health", timeout=2)
