@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.conftest import CAT_LABELS, DATA, ONE_SLOW_WORKER
 from tests.integration.test_faults import BAD_INPUTS, MAX_BODY, send_case
@@ -177,8 +179,12 @@ def test_sigint_stops_every_process_and_frees_the_port(start_server):
 
 
 def test_overload_is_refused_at_once_with_503_and_accepted_requests_succeed(start_server, photos):
-    # One slow worker (eager), so that served requests queue: refusals must come faster than them.
-    server = start_server("--max-batch-size", "1", "--max-queue", "2", *ONE_SLOW_WORKER)
+    # One slow worker (eager, full decode of a 12-megapixel photo: a few hundred ms per image), so
+    # that served requests take long and queue: refusals must come far faster than them.
+    server = start_server("--max-batch-size", "1", "--max-queue", "2", "--no-fast-decode", *ONE_SLOW_WORKER)
+    large = io.BytesIO()
+    Image.open(io.BytesIO(photos["cat"])).resize((4000, 3000)).save(large, "JPEG", quality=90)
+    photo = large.getvalue()
 
     clients = threading.local()
 
@@ -186,7 +192,7 @@ def test_overload_is_refused_at_once_with_503_and_accepted_requests_succeed(star
         if not hasattr(clients, "http"):  # one per thread: the client's own start-up is not timed
             clients.http = httpx.Client(timeout=60, headers={"Content-Type": "application/octet-stream"})
         started = time.perf_counter()
-        response = clients.http.post(f"{server.url}/predict", content=photos["cat"])
+        response = clients.http.post(f"{server.url}/predict", content=photo)
         return response, time.perf_counter() - started
 
     with ThreadPoolExecutor(12) as pool:
