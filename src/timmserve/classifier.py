@@ -147,7 +147,7 @@ def build_classifier(config: ServeConfig, labels: Sequence[str], device: torch.d
     )
     spec = backend_spec(config, loaded.info, device)
     if "auto" in (config.backend, config.precision):
-        config = resolve_auto(config, loaded, device)
+        config, _built = resolve_auto(config, loaded, device)
     name = config.backend
     classifier = Classifier(
         create_backend(name, loaded.model, spec),
@@ -172,20 +172,21 @@ def backend_spec(config: ServeConfig, info: ModelInfo, device: torch.device) -> 
     )
 
 
-def resolve_auto(config: ServeConfig, loaded: LoadedModel, device: torch.device) -> ServeConfig:
+def resolve_auto(config: ServeConfig, loaded: LoadedModel, device: torch.device) -> tuple[ServeConfig, bool]:
     """`--backend auto` and/or `--precision auto`: the fastest (backend, precision) on this machine
     whose answers on the reference photos agree with eager fp32 (backends.choose_backend), timed
     with the calling thread's torch threads (set them as a worker's first). The decision is cached
     beside the artifacts, keyed by everything it depends on (weights, machine, library versions,
-    threads, batch size), so a second start reuses it. Logged in one line either way. Raises
-    ModelLoadError when no candidate runs and agrees."""
+    threads, batch size), so a second start reuses it. Logged in one line either way. Returns the
+    config with both resolved, and whether the candidates were built here just now (their
+    artifacts exported and proven to run). Raises ModelLoadError when no candidate runs and agrees."""
     candidates = auto_candidates(config.backend, config.precision, device)
     spec = backend_spec(config.replace(precision="fp32"), loaded.info, device)
     key = decision_key(loaded.model, spec, candidates)
     path = config.artifact_cache() / "decisions" / f"{key}.json"
     try:
         decision = json.loads(path.read_text())
-        how = f"decided {decision['decided_at']}, cached in {path}"
+        how, built = f"decided {decision['decided_at']}, cached in {path}", False
     except (OSError, ValueError):
         preprocessor = Preprocessor(loaded.info.data_config, max_pixels=config.max_image_pixels)
         photos = torch.stack([preprocessor(data) for data in reference_photos().values()])
@@ -198,12 +199,12 @@ def resolve_auto(config: ServeConfig, loaded: LoadedModel, device: torch.device)
             "trials": [trial.as_dict() for trial in trials],
         }
         write_atomically(path, json.dumps(decision, indent=1).encode())
-        how = describe_trials(trials)
+        how, built = describe_trials(trials), True
     logger.info(
         "auto chose --backend %s --precision %s on %s with %d thread(s) (%s)",
         decision["backend"], decision["precision"], device_name(device), spec.threads, how,
     )  # fmt: skip
-    return config.replace(backend=decision["backend"], precision=decision["precision"])
+    return config.replace(backend=decision["backend"], precision=decision["precision"]), built
 
 
 def prepare_backend(config: ServeConfig, loaded: LoadedModel, device: torch.device) -> ServeConfig:
@@ -213,10 +214,11 @@ def prepare_backend(config: ServeConfig, loaded: LoadedModel, device: torch.devi
     the workers' own thread count (`config.torch_threads`, resolved by machine.resolve_machine)."""
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)  # measure as a worker runs
+    built = False
     if "auto" in (config.backend, config.precision):
-        config = resolve_auto(config, loaded, device)
-    if config.backend not in ("eager", "compile"):
-        create_backend(config.backend, loaded.model, backend_spec(config, loaded.info, device))  # from the cache
+        config, built = resolve_auto(config, loaded, device)
+    if not built and config.backend not in ("eager", "compile"):  # auto's trials built it just now
+        create_backend(config.backend, loaded.model, backend_spec(config, loaded.info, device))
     return config
 
 

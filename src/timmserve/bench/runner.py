@@ -117,7 +117,7 @@ class Runner:
 
     def _pick_backend(self, name: str, serve: ServeConfig) -> str:
         torch.set_num_threads(machine.resolve_machine(serve).torch_threads)  # as the rung's workers will run
-        chosen = resolve_auto(serve, load_model(serve), self.device).backend
+        chosen = resolve_auto(serve, load_model(serve), self.device)[0].backend
         self.log(f"rung {name}: --backend auto chose {chosen}")
         return chosen
 
