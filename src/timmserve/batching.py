@@ -5,7 +5,7 @@ waits the whole `batch_timeout` for every batch, so a lone request at concurrenc
 timeout, and an idle worker keeps polling (~10–15% of a core each, measured here). With
 `batch_timeout=0` it spins on an empty queue instead.
 
-This loop:
+`take_batch`:
 1. blocks until the first image arrives (an idle worker costs nothing);
 2. takes every image already queued behind it, up to the max batch size, without waiting;
 3. only then, if the batch is not full and `batch_timeout` > 0, waits for more until
@@ -20,40 +20,25 @@ bigger batches (worth it on GPUs, where a batch of 32 costs little more than a b
 from __future__ import annotations
 
 import time
-from queue import Queue
-from typing import Any
+from collections.abc import Callable
+from typing import TypeVar
 
-from litserve import LitAPI
-from litserve.loops.simple_loops import BatchedLoop
-from litserve.transport.base import MessageTransport
-
-from timmserve import litserve_internals
-
-# How long the first `get` blocks before the loop goes round again (LitServe's own stop signal
-# arrives through the queue, so this only bounds how stale the loop may be).
-IDLE_WAIT_SECONDS = 1.0
+Item = TypeVar("Item")
 
 
-class DrainingBatchLoop(BatchedLoop):
-    def get_batch_requests(
-        self, lit_api: LitAPI, request_queue: Queue, transport: MessageTransport
-    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-        """(payloads, timed-out ids) as LitServe's loop expects; nothing times out in the queue here
-        (the API servers own each request's deadline)."""
-        first = self.get_request(request_queue, timeout=IDLE_WAIT_SECONDS)
-        if first is None:
-            return [], []
-        deadline = time.monotonic() + lit_api.batch_timeout
-        payloads = [self._accept(first, lit_api, transport)]
-        while len(payloads) < lit_api.max_batch_size:
-            remaining = deadline - time.monotonic()
-            item = self.get_request(request_queue, block=remaining > 0, timeout=remaining if remaining > 0 else None)
-            if item is None:
-                break
-            payloads.append(self._accept(item, lit_api, transport))
-        return payloads, []
+def take_batch(receive: Callable[[float | None], Item | None], max_batch_size: int, batch_timeout: float) -> list[Item]:
+    """The next batch: 1 to `max_batch_size` items, in arrival order.
 
-    def _accept(self, item: Any, lit_api: LitAPI, transport: MessageTransport) -> tuple[Any, ...]:
-        response_queue_id, uid, payload = litserve_internals.unpack(item)  # StopLoop on the stop signal
-        litserve_internals.send_start(self, transport, response_queue_id, uid)
-        return response_queue_id, uid, payload
+    `receive(timeout)` returns the next item, waiting up to `timeout` seconds (None: for ever, 0:
+    not at all), or None when none came; whatever it raises (the stop signal) goes through."""
+    first = receive(None)
+    while first is None:
+        first = receive(None)
+    deadline = time.monotonic() + batch_timeout
+    batch = [first]
+    while len(batch) < max_batch_size:
+        item = receive(max(0.0, deadline - time.monotonic()))
+        if item is None:
+            break
+        batch.append(item)
+    return batch

@@ -1,17 +1,17 @@
-"""The LitServe engine's data plane, in each API server process: admit, queue, await.
+"""The LitServe engine's data plane, in each API server process: admit, dispatch, await.
 
 `QueueFrontend.classify` is the `Classify` callable the HTTP endpoints (routes.py) are given. For
-each image it takes an admission slot (503 at once when the queue is full), puts the image on
-LitServe's worker queue, and awaits that image's answer from whichever worker takes it, watching
-one end-to-end deadline (504), the client (gone: 499 in the log) and the worker that holds the
-image. A worker that dies holding an image loses nothing: classification is idempotent and the
-bytes are still here, so the image goes back on the queue once, to a live worker (a second loss
-is a 503). Whichever of answer, deadline or departure comes first frees the slot; the workers
+each image it takes an admission slot (503 at once when the queue is full), sends the image to the
+ready worker with the fewest images outstanding (transport.py), and awaits that image's answer,
+watching one end-to-end deadline (504), the client (gone: 499 in the log, noticed at once) and the
+worker that holds the image. A worker that dies holding an image loses nothing: classification is
+idempotent and the bytes are still here, so the image goes to a live worker once more (a second
+loss is a 503). Whichever of answer, deadline or departure comes first frees the slot; the workers
 skip images whose slot was freed (worker.py). The worker's answer is returned as is:
 `list[Prediction] | RequestError`.
 
-It is a LitSpec only because that is how LitServe hands an object its queues in every API server
-process (`setup`); it registers no endpoints of its own.
+It is a LitSpec only because that is how LitServe hands an object to every API server process and
+tells it which one it is (`response_queue_id`); it registers no endpoints of its own.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,18 +38,21 @@ from timmserve.errors import (
 )
 from timmserve.middleware import request_id_of
 from timmserve.payload import ImageRequest
+from timmserve.transport import Dispatcher, Endpoints
 
 logger = logging.getLogger(__name__)
 
-# LitServe's name for the worker queue (and the workers' status keys); no HTTP route has it.
+# The LitAPI's path: LitServe names the workers' status keys after it; no HTTP route has it.
 QUEUE_PATH = "/predict"
-# How often a waiting request checks that its client is still there and its worker still alive.
+# How often a waiting image checks that its worker is still alive.
 WATCH_INTERVAL = 1.0
+# How long a look at the workers' statuses (a call to LitServe's manager process) is reused.
+STATUS_MAX_AGE = 0.1
 
 
 @dataclass(frozen=True)
 class QueuedImage:
-    """What goes on LitServe's queue: one image, the slot it holds and the request it belongs to."""
+    """What a worker is sent: one image, the slot it holds and the request it belongs to."""
 
     image: ImageRequest
     ticket: Ticket
@@ -61,13 +63,18 @@ class QueuedImage:
 class QueueFrontend(LitSpec):
     """Admission, the worker queue and the answers, for every API server process (see module doc)."""
 
-    def __init__(self, admission: Admission, *, timeout: float) -> None:
-        """`admission` is shared by every API server and worker (shared memory); `timeout` is the
-        end-to-end deadline in seconds, from admission to answer."""
+    def __init__(self, admission: Admission, endpoints: Endpoints, *, timeout: float) -> None:
+        """`admission` is shared by every API server and worker (shared memory); `endpoints` is
+        where the transport's sockets live; `timeout` is the end-to-end deadline in seconds, from
+        admission to answer."""
         super().__init__()
         self.api_path = QUEUE_PATH
         self.admission = admission
+        self.transport_endpoints = endpoints
         self.timeout = timeout
+        self._dispatcher: Dispatcher | None = None  # made in the API server's event loop
+        self._statuses: dict[str, str] = {}
+        self._statuses_read = float("-inf")
 
     async def classify(self, images: Sequence[ImageRequest], request: Request) -> list[Result]:
         """One result per image, in order. Raises OverloadedError (503) at once when they would not
@@ -81,62 +88,78 @@ class QueueFrontend(LitSpec):
         deadline = time.monotonic() + self.timeout
         request_id = request_id_of(request.scope)
         queued = [QueuedImage(image, ticket, request_id, time.monotonic()) for image, ticket in zip(images, tickets)]
-        tasks = [asyncio.ensure_future(self._submit(item, deadline, request)) for item in queued]
+        tasks = [asyncio.ensure_future(self._submit(item, deadline)) for item in queued]
+        client_gone = asyncio.ensure_future(_disconnected(request))
         try:
-            return await asyncio.gather(*tasks)
+            waiting = set(tasks)
+            while waiting:
+                done, waiting = await asyncio.wait([*waiting, client_gone], return_when=asyncio.FIRST_COMPLETED)
+                if client_gone in done:
+                    raise ClientGoneError("the client disconnected before its answer")
+                failures = [task.exception() for task in done if task.exception() is not None]
+                if failures:
+                    raise failures[0]
+                waiting.discard(client_gone)
+            return [task.result() for task in tasks]
         finally:
-            for task in tasks:
-                task.cancel()  # the others, when one failed
+            for task in [*tasks, client_gone]:
+                task.cancel()  # the other images, when one failed or the client left
             self.admission.release(tickets)
 
     def ready(self) -> bool:
         """Every inference worker is up (false while LitServe replaces a dead one)."""
         return self._server is not None and litserve_internals.all_workers_ready(self._server.workers_setup_status)
 
-    async def _submit(self, queued: QueuedImage, deadline: float, request: Request) -> Result:
+    async def _submit(self, queued: QueuedImage, deadline: float) -> Result:
         try:
-            return await self._submit_once(queued, deadline, request)
+            return await self._submit_once(queued, deadline)
         except WorkerLostError:
             logger.warning(
                 "an inference worker died holding an image; resubmitting it", extra={"request_id": queued.request_id}
             )
-            return await self._submit_once(queued, deadline, request)
+            return await self._submit_once(queued, deadline)
 
-    async def _submit_once(self, queued: QueuedImage, deadline: float, request: Request) -> Result:
-        uid = str(uuid.uuid4())
-        slot = litserve_internals.new_answer_slot()
-        self.response_buffer[uid] = slot
+    async def _submit_once(self, queued: QueuedImage, deadline: float) -> Result:
+        if self._dispatcher is None:
+            self._dispatcher = Dispatcher(
+                self.transport_endpoints, self.response_queue_id, len(self._server.inference_workers)
+            )
+        worker_id = self._dispatcher.choose(self._worker_ready)
+        uid, answer = self._dispatcher.submit(worker_id, queued)
         try:
-            litserve_internals.enqueue(self.request_queue, self.response_queue_id, uid, queued)
-            while not slot.event.is_set():
+            while not answer.done():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AnswerTimeoutError.after(self.timeout)
-                try:
-                    await asyncio.wait_for(slot.event.wait(), min(remaining, WATCH_INTERVAL))
-                except asyncio.TimeoutError:
-                    await self._check_still_wanted(slot, request)
+                await asyncio.wait([answer], timeout=min(remaining, WATCH_INTERVAL))
+                # LitServe's monitor restarts a dead worker (status STARTING until it is ready again).
+                if not answer.done() and not self._worker_ready(worker_id):
+                    raise WorkerLostError(
+                        "the inference worker holding this image stopped; it is being replaced", retry_after=5
+                    )
         finally:
-            self.response_buffer.pop(uid, None)
-        answer, ok = litserve_internals.answer_of(slot)
-        if not ok:
+            self._dispatcher.forget(uid)
+        if not answer.result().ok:
             raise InternalError("the inference worker failed on this request's batch; see the server log")
-        return answer
+        return answer.result().result
 
-    async def _check_still_wanted(self, slot: Any, request: Request) -> None:
-        if await request.is_disconnected():
-            raise ClientGoneError("the client disconnected before its answer")
-        worker_id = litserve_internals.holder_of(slot)
-        statuses = self._server.workers_setup_status
-        # LitServe's monitor restarts a dead worker (status STARTING until it is ready again).
-        if worker_id is not None and not litserve_internals.worker_ready(statuses, QUEUE_PATH, worker_id):
-            raise WorkerLostError(
-                "the inference worker holding this image stopped; it is being replaced", retry_after=5
-            )
+    def _worker_ready(self, worker_id: int) -> bool:
+        now = time.monotonic()
+        if now - self._statuses_read > STATUS_MAX_AGE:
+            self._statuses = self._server.workers_setup_status.copy()
+            self._statuses_read = now
+        return litserve_internals.worker_ready(self._statuses, QUEUE_PATH, worker_id)
 
-    # LitSpec's abstract hooks: the worker (worker.ClassifierAPI) overrides decode/encode itself.
+    # LitSpec's abstract hooks: the HTTP endpoints (routes.py) and the worker do this work.
     def decode_request(self, request: Any, context_kwargs: Any = None) -> Any:
         return request
 
     def encode_response(self, output: Any, context_kwargs: Any = None) -> Any:
         return output
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects: once the body is read, the server's next message for
+    this request is `http.disconnect` (as Starlette's StreamingResponse listens for it)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,10 +1,12 @@
 """Assemble and run the LitServer: the model is checked in this process first, so a bad name, file
 or label list is one clear error before any worker starts; then the workers load it for real.
 
-Process tree: this main process (LitServe's supervisor), a multiprocessing manager (queues), the
-API servers (uvicorn, forked) and the inference workers (spawned). A worker that dies is replaced
-by LitServe's monitor (`restart_workers`): the other workers keep serving meanwhile, `/health`
-answers 503 until the new one is ready, and requests that were on the dead worker get 503.
+Process tree: this main process (LitServe's supervisor), a multiprocessing manager (the workers'
+statuses), the API servers (uvicorn, forked) and the inference workers (spawned); images go from
+API servers to workers and back over transport.py's sockets, not through the manager. A worker
+that dies is replaced by LitServe's monitor (`restart_workers`): the other workers keep serving
+meanwhile, `/health` answers 503 until the new one is ready, and the images that were on the dead
+worker go to a live one (frontend.py).
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ from typing import Any
 
 import litserve as ls
 
-from timmserve import litserve_internals, metrics, routes
+from timmserve import metrics, routes
 from timmserve.admission import Admission
 from timmserve.config import ServeConfig
 from timmserve.errors import ModelLoadError
-from timmserve.frontend import QUEUE_PATH, QueueFrontend
+from timmserve.frontend import QueueFrontend
 from timmserve.http_protocol import limited_protocol
 from timmserve.logs import configure_logging
 from timmserve.payload import PayloadLimits
 from timmserve.startup import oip_model_name, prepare
+from timmserve.transport import Endpoints, stop_workers
 from timmserve.worker import ClassifierAPI
 
 logger = logging.getLogger(__name__)
@@ -42,7 +45,7 @@ class TimmServer(ls.LitServer):
     monitor may restart the workers being stopped, and it stops workers with SIGTERM. Here: the
     monitor is stopped first; every API server is told at once to stop accepting and finish what
     it has (uvicorn's graceful shutdown), within one shared grace period, while the workers keep
-    answering; then each worker gets LitServe's stop sentinel on its queue; then the manager
+    answering; then each worker gets the stop message (transport.py); then the manager
     stops. The children ignore SIGTERM and SIGINT themselves (see `stop_on_signals`), so a signal
     sent to the whole process group (Ctrl-C, systemd) drains the same way.
 
@@ -50,6 +53,7 @@ class TimmServer(ls.LitServer):
     checked against the installed LitServe by the tests)."""
 
     grace_period: float = 30.0
+    transport_endpoints: Endpoints  # the transport's sockets (set by build_server)
 
     def _start_server(self, port: int, num_servers: int, log_level: str, sockets: list[socket.socket],
                       worker_type: str, **kwargs: Any) -> dict[int, BaseProcess | threading.Thread]:  # fmt: skip
@@ -111,9 +115,7 @@ class TimmServer(ls.LitServer):
             process.terminate()  # SIGTERM: uvicorn stops accepting, finishes in-flight requests
         _join_or_kill(api_servers, started + self.grace_period, "API server")
         drained = time.monotonic() - started
-        request_queue = self._get_request_queue(QUEUE_PATH)
-        for _ in self.inference_workers:
-            request_queue.put(litserve_internals.STOP)  # the worker's loop returns when it takes one
+        stop_workers(self.transport_endpoints, len(self.inference_workers))
         _join_or_kill(self.inference_workers, time.monotonic() + 5, "inference worker")
         manager.shutdown()
         logger.info("stopped", extra={"drain_s": round(drained, 2), "total_s": round(time.monotonic() - started, 2)})
@@ -151,16 +153,16 @@ def _join_or_kill(processes: list[BaseProcess], deadline: float, kind: str) -> N
             process.join()
 
 
-def build_server(config: ServeConfig) -> TimmServer:
-    """A server for the config; raises ConfigError or ModelLoadError for anything wrong with the
-    settings, the model or the labels."""
+def build_server(config: ServeConfig, endpoints: Endpoints) -> TimmServer:
+    """A server for the config, its processes connected through sockets in `endpoints`; raises
+    ConfigError or ModelLoadError for anything wrong with the settings, the model or the labels."""
     api_key = config.api_key()
     prepared = prepare(config)
     config = prepared.config
     # Created here, in the main process: LitServe forks the API servers and hands the LitAPI to the
     # spawned workers, so all of them share the admission slots' memory.
     admission = Admission(config.queue_limit())
-    frontend = QueueFrontend(admission, timeout=config.timeout)
+    frontend = QueueFrontend(admission, endpoints, timeout=config.timeout)
     server = TimmServer(
         ClassifierAPI(config, prepared.labels, frontend),
         accelerator=config.accelerator,
@@ -171,6 +173,7 @@ def build_server(config: ServeConfig) -> TimmServer:
         restart_workers=True,
     )
     server.grace_period = config.grace_period
+    server.transport_endpoints = endpoints
     # LitServe checks its workers every 2 s: /health said 200 for up to 2 s after a worker died.
     server.monitor_internal = 0.1
     service = routes.InferenceService(
@@ -187,8 +190,8 @@ def build_server(config: ServeConfig) -> TimmServer:
 def run_server(config: ServeConfig) -> None:
     """Serve until SIGINT or SIGTERM, then drain (see TimmServer)."""
     log_config = configure_logging(config.log_level, config.log_format)
-    with metrics.metrics_directory():
-        server = build_server(config)
+    with metrics.metrics_directory(), Endpoints.private() as endpoints:
+        server = build_server(config, endpoints)
         # LitServe shuts down cleanly on KeyboardInterrupt only: without this, SIGTERM leaves the
         # API-server and worker processes alive, holding the port.
         stop_on_signals()

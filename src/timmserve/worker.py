@@ -1,9 +1,10 @@
 """The LitServe engine's inference worker: the LitAPI that LitServe runs in each worker process.
 
-LitServe's loop (batching.DrainingBatchLoop when batching) hands `predict` the images queued by the
-API servers (frontend.QueuedImage). The worker drops those whose request is gone (their admission
-slot was freed: answered 504, client left), classifies the rest as one batch, checks the batch
-contract (one result per image), records metrics, and returns one `list[Prediction] |
+LitServe starts the worker, calls `setup`, marks it ready and hands control to its loop:
+`WorkerLoop`, which takes batches of images from the API servers (transport.py, batching.py) until
+the stop message. For each batch the worker drops the images whose request is gone (their
+admission slot was freed: answered 504, client left), classifies the rest as one batch, checks the
+batch contract (one result per image), records metrics, and answers one `list[Prediction] |
 RequestError` per image as is: the HTTP endpoints encode it (routes.py).
 """
 
@@ -16,15 +17,17 @@ from collections.abc import Sequence
 
 import litserve as ls
 import torch
+from litserve.loops.base import LitLoop
 
 from timmserve import metrics
 from timmserve.admission import Admission
-from timmserve.batching import DrainingBatchLoop
+from timmserve.batching import take_batch
 from timmserve.classifier import Classifier, Result, start_worker_classifier
 from timmserve.config import ServeConfig
 from timmserve.errors import ClientGoneError, InternalError
 from timmserve.frontend import QueuedImage, QueueFrontend
 from timmserve.logs import configure_logging
+from timmserve.transport import Answer, Endpoints, Stopped, WorkerEnd
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +46,13 @@ class ClassifierAPI(ls.LitAPI):
             max_batch_size=config.max_batch_size,
             batch_timeout=config.batch_timeout,
             api_path=frontend.api_path,
-            loop=DrainingBatchLoop() if config.max_batch_size > 1 else "auto",
+            loop=WorkerLoop(),
             spec=frontend,
         )
         self.config = config
         self.labels = list(labels)
         self.admission: Admission = frontend.admission
+        self.transport_endpoints: Endpoints = frontend.transport_endpoints
         self.classifier: Classifier | None = None
 
     def setup(self, device: str) -> None:
@@ -63,17 +67,6 @@ class ClassifierAPI(ls.LitAPI):
         load_seconds = time.monotonic() - started
         metrics.worker_metrics().model_load.set(load_seconds)
         logger.info("worker ready on %s", device, extra={"load_seconds": round(load_seconds, 2)})
-
-    def decode_request(self, request: QueuedImage) -> QueuedImage:
-        return request  # parsed in the API process; decoded per image inside `classify`
-
-    def batch(self, inputs: list[QueuedImage]) -> list[QueuedImage]:
-        return inputs
-
-    def predict(self, x: list[QueuedImage] | QueuedImage) -> list[Result] | Result:
-        if self.max_batch_size > 1:
-            return self.classify(x)
-        return self.classify([x])[0]
 
     def classify(self, queued: list[QueuedImage]) -> list[Result]:
         """One result per queued image; images that nobody waits for any more are skipped. Raises
@@ -92,8 +85,22 @@ class ClassifierAPI(ls.LitAPI):
         remaining = iter(answers)
         return [next(remaining) if keep else ABANDONED for keep in wanted]
 
-    def unbatch(self, output: list[Result]) -> list[Result]:
-        return output
 
-    def encode_response(self, output: Result) -> Result:
-        return output  # encoded once, by the HTTP endpoint (routes.py)
+class WorkerLoop(LitLoop):
+    """The worker's loop, in place of LitServe's: batches from the transport, answers to it."""
+
+    def __call__(self, lit_api: ClassifierAPI, device: str, worker_id: int, *_litserve_queues: object) -> None:
+        # LitServe's request queue, response transport and status dict go unused (litserve_internals).
+        end = WorkerEnd(lit_api.transport_endpoints, worker_id)
+        try:
+            while True:
+                deliveries = take_batch(end.receive, lit_api.max_batch_size, lit_api.batch_timeout)
+                try:
+                    answers = [Answer(result, ok=True) for result in lit_api.classify([d.payload for d in deliveries])]
+                except Exception:  # a bug, logged by `classify`: each image of the batch gets a 500
+                    answers = [Answer(None, ok=False)] * len(deliveries)
+                end.answer(deliveries, answers)
+        except Stopped:
+            return
+        finally:
+            end.close()

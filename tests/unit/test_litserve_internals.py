@@ -3,15 +3,11 @@ one fails here, by name, instead of somewhere in the request path."""
 
 from __future__ import annotations
 
-import asyncio
 import inspect
-import queue
 
 import litserve as ls
 import pytest
-from litserve.loops.base import LitLoop
-from litserve.server import _mixed_response_to_buffer
-from litserve.utils import LitAPIStatus, LoopResponseType, WorkerSetupStatus
+from litserve.utils import WorkerSetupStatus
 
 from timmserve import litserve_internals
 
@@ -20,53 +16,21 @@ def test_the_pinned_version_is_installed():
     assert ls.__version__ == "0.2.19", "litserve_internals was written against 0.2.19: re-check each touch point"
 
 
-def test_a_queue_item_round_trips_in_the_layout_litservers_own_handler_uses():
-    request_queue: queue.Queue = queue.Queue()
-    litserve_internals.enqueue(request_queue, 3, "uid-1", {"image": b"x"})
-    item = request_queue.get_nowait()
-    # LitServe's own handler (server.py, RegularRequestHandler) puts (response_queue_id, uid, time, payload).
-    source = inspect.getsource(ls.server.BaseRequestHandler._submit_request)
-    assert "request_queue.put((response_queue_id, uid, time.monotonic(), payload))" in source
-    assert litserve_internals.unpack(item) == (3, "uid-1", {"image": b"x"})
+def test_a_worker_hands_control_to_its_loop_with_its_id_once_ready():
+    # worker.WorkerLoop takes (lit_api, device, worker_id, …) and serves until its stop message.
+    source = inspect.getsource(ls.loops.loops.inference_worker)
+    ready = source.index("WorkerSetupStatus.READY")
+    call = source.index("loop(\n        lit_api,\n        device,\n        worker_id,")
+    assert ready < call, "the worker must be marked ready before its loop runs"
 
 
-def test_the_stop_signal_ends_the_loop():
-    with pytest.raises(litserve_internals.StopLoop):
-        litserve_internals.unpack(litserve_internals.STOP)
-    # LitServe's own loops stop on the same sentinel, with the same exception.
-    source = inspect.getsource(ls.loops.base)
-    assert "_SENTINEL_VALUE" in source and "_StopLoopError" in source
-
-
-def test_a_start_message_tells_the_api_server_which_worker_holds_the_request(transport):
-    loop = LitLoop()
-    loop._worker_id = 1  # set from LITSERVE_WORKER_ID in a real worker
-    loop._restart_workers = True  # LitLoop sends START only when workers are restarted on death
-    litserve_internals.send_start(loop, transport, response_queue_id=0, uid="uid-1")
-    [(message, consumer)] = transport.sent
-    assert consumer == 0
-
-    class OneMessage:
-        async def areceive(self, consumer_id: int) -> object:
-            if transport.sent:
-                return transport.sent.pop()[0]
-            raise asyncio.CancelledError  # ends LitServe's consumer loop
-
-    slot = litserve_internals.new_answer_slot()
-    asyncio.run(_mixed_response_to_buffer(OneMessage(), {"uid-1": slot}))
-    assert litserve_internals.holder_of(slot) == 1
-    assert not slot.event.is_set()  # START is not the answer
-    assert message[1][1] == LitAPIStatus.START
-
-
-def test_an_answer_and_a_failed_batch_are_told_apart():
-    ok = litserve_internals.new_answer_slot()
-    ok.response = (["prediction"], LitAPIStatus.OK)
-    assert litserve_internals.answer_of(ok) == (["prediction"], True)
-    failed = litserve_internals.new_answer_slot()
-    failed.response = (b"pickled exception", LitAPIStatus.ERROR)
-    assert litserve_internals.answer_of(failed) == (None, False)
-    assert LoopResponseType.REGULAR.value == "REGULAR"
+def test_each_api_server_gets_its_number_on_the_spec_and_sees_every_worker():
+    source = inspect.getsource(ls.LitServer._start_server)
+    assert "for response_queue_id in range(num_uvicorn_servers):" in source
+    assert "lit_api.spec.response_queue_id = response_queue_id" in source
+    run = inspect.getsource(ls.LitServer.run)
+    # The workers are launched (and listed) before the API servers are forked.
+    assert run.index("self.inference_workers.extend(") < run.index("self._start_server(")
 
 
 def test_worker_status_keys_are_litservers_own():
