@@ -119,3 +119,11 @@ def test_the_default_rung_is_serve_as_it_comes_never_part_of_best():
     assert ladder.config("default") == BASE  # no baseline knobs: the machine rule and auto decide
     ladder.decide_best({"baseline": 10.0, "workers": 20.0, "default": 99.0})
     assert "default" not in ladder.best_from and ladder.config("best").workers_per_device == 2
+
+
+def test_right_after_default_the_reference_rung_serves_defaults_configuration():
+    # `--ladder default,reference`: serve as it comes against the naive server on the same runtime.
+    ladder = Ladder(BenchConfig(serve=BASE, ladder=("baseline", "default", "reference")), "cpu")
+    assert ladder.config("reference") == BASE.replace(max_batch_size=1)
+    before_default = Ladder(BenchConfig(serve=BASE, ladder=("baseline", "reference", "default")), "cpu")
+    assert before_default.config("reference") == ladder.config("baseline").replace(max_batch_size=1)

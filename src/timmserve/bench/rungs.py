@@ -9,8 +9,10 @@ batch of 64 runs slower per image than a batch of 8) and is part of the fastest 
 Runtime.
 
 Two rungs serve the knobs of the rungs before them another way, to compare with the rung right
-before them and with `best`: `ray` (Ray Serve) and `reference` (the naive server, reference.py).
-Their own knobs are theirs alone, and they are never part of `best`.
+before them and with `best`: `ray` (Ray Serve) and `reference` (the naive server, reference.py);
+right after `default` they serve `default`'s configuration (`--ladder default,reference`: `serve`
+as it comes against the naive server on the same runtime). Their own knobs are theirs alone, and
+they are never part of `best`.
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ class Ladder:
             return self.base.replace(**self.best_knobs)
         if name == DEFAULT:
             return self.base.replace(**self.rungs[DEFAULT])
+        if name in (RAY, REFERENCE) and self._right_after_default(name):
+            return self.base.replace(**{**self.rungs[DEFAULT], **self.rungs[name]})
         knobs = dict(self.rungs[BASELINE])  # the starting point, even when not in the ladder
         for rung in (n for n in self.names if n != BEST):
             if rung == name or rung not in SIDE_RUNGS:
@@ -116,6 +120,10 @@ class Ladder:
             if rung == name:
                 break
         return self.base.replace(**knobs)
+
+    def _right_after_default(self, name: str) -> bool:
+        position = self.names.index(name) if name in self.names else 0
+        return position > 0 and self.names[position - 1] == DEFAULT
 
     def decide_best(self, peaks: dict[str, float]) -> None:
         """`peaks`: first-round peak req/s per measured rung. Rungs are cumulative, so the fastest
