@@ -91,15 +91,15 @@ class QueueFrontend(LitSpec):
         tasks = [asyncio.ensure_future(self._submit(item, deadline)) for item in queued]
         client_gone = asyncio.ensure_future(_disconnected(request))
         try:
-            waiting = set(tasks)
-            while waiting:
-                done, waiting = await asyncio.wait([*waiting, client_gone], return_when=asyncio.FIRST_COMPLETED)
+            pending = set(tasks)
+            while pending:
+                done, _ = await asyncio.wait([*pending, client_gone], return_when=asyncio.FIRST_COMPLETED)
                 if client_gone in done:
                     raise ClientGoneError("the client disconnected before its answer")
                 failures = [task.exception() for task in done if task.exception() is not None]
                 if failures:
-                    raise failures[0]
-                waiting.discard(client_gone)
+                    raise failures[0]  # the request fails with its first failed image
+                pending -= done
             return [task.result() for task in tasks]
         finally:
             for task in [*tasks, client_gone]:
