@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import os
 import pickle
 import shutil
@@ -36,7 +35,7 @@ from typing import Any
 
 import zmq
 
-logger = logging.getLogger(__name__)
+from timmserve.errors import ConfigError
 
 # The message that stops a worker's loop (a real message is never empty).
 STOP = b""
@@ -45,6 +44,8 @@ STOP = b""
 UNLIMITED = 0
 # Seconds the shutdown waits for its stop messages to reach the workers.
 STOP_LINGER_SECONDS = 2.0
+# A Unix socket's path holds at most 107 bytes on Linux (`sun_path`, 108 with its NUL).
+MAX_SOCKET_PATH = 107
 
 
 class Stopped(Exception):
@@ -60,9 +61,16 @@ class Endpoints:
     @classmethod
     @contextmanager
     def private(cls) -> Iterator[Endpoints]:
-        """A new directory, mode 0700, for one server's sockets; removed afterwards."""
+        """A new directory, mode 0700, for one server's sockets; removed afterwards. Raises
+        ConfigError when the temporary directory's path leaves no room for a socket's name."""
         directory = tempfile.mkdtemp(prefix="timmserve-ipc-")
         try:
+            longest = os.path.join(directory, "worker-9999")
+            if len(longest.encode()) > MAX_SOCKET_PATH:
+                raise ConfigError(
+                    f"the temporary directory {os.path.dirname(directory)} is too long for Unix socket paths "
+                    f"(at most {MAX_SOCKET_PATH} bytes with the socket's name); set TMPDIR to a shorter one"
+                )
             yield cls(directory)
         finally:
             shutil.rmtree(directory, ignore_errors=True)

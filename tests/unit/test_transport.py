@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import tempfile
 import threading
 from collections.abc import Iterator
 
 import pytest
 
+from timmserve.errors import ConfigError
 from timmserve.transport import Answer, Dispatcher, Endpoints, Stopped, WorkerEnd, stop_workers
 
 RECEIVE_TIMEOUT = 10.0
@@ -48,6 +50,17 @@ def test_the_directory_is_private_and_removed_afterwards():
         assert stat.S_IMODE(os.stat(endpoints.directory).st_mode) == 0o700
         assert endpoints.worker(3).startswith("ipc://") and endpoints.worker(3) != endpoints.api_server(3)
     assert not os.path.exists(endpoints.directory)
+
+
+def test_a_temporary_directory_too_long_for_socket_paths_is_one_clear_error(tmp_path, monkeypatch):
+    long_tmp = tmp_path / ("d" * 100)
+    long_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(long_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # tempfile caches the directory it chose
+    with pytest.raises(ConfigError, match="set TMPDIR to a shorter one"):
+        with Endpoints.private():
+            pass
+    assert list(long_tmp.iterdir()) == []  # nothing left behind
 
 
 def test_each_image_is_answered_by_the_worker_it_was_sent_to_back_to_its_api_server(endpoints):
