@@ -14,6 +14,11 @@ one) while every other request on it waits. Here:
 Each answer is `{"detail": …}` with `Connection: close`, and the connection closes: the rest of what
 the client sent cannot be told apart from a next request. A body that stalls is payload.read_body's
 to answer (408, through the app), the application having started by then.
+
+One more thing uvicorn leaves out: when a client closes a connection, uvicorn tells only its
+newest request. A client that pipelines a second request behind the first and leaves would keep
+the first one waiting for an answer nobody reads (its admission slot held, its images classified);
+here every request of the connection that is not answered yet is told (`http.disconnect`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import json
 import uuid
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 MAX_HEADER_BYTES = 32 * 1024  # nginx's default: 4 buffers of 8 KiB
 MAX_HEADERS = 100  # Apache's default (LimitRequestFields)
@@ -43,6 +48,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._receiving_head = False  # between a request's first byte and the end of its headers
         self._head_bytes = 0  # read while the head was incomplete, the read that began it not counted
         self._head_timer: asyncio.TimerHandle | None = None
+        self._cycles: list[RequestResponseCycle] = []  # this connection's requests, answered ones dropped
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -50,6 +56,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        for cycle in self._cycles:  # uvicorn marks the newest only (`self.cycle`)
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -77,7 +87,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         elif size > MAX_HEADER_BYTES:
             self._refuse(431, f"the request line and headers are {size:,} bytes; the limit is {MAX_HEADER_BYTES:,}")
         else:
-            super().on_headers_complete()  # starts the application
+            super().on_headers_complete()  # starts the application, or queues it behind the one running
+            self._cycles = [cycle for cycle in self._cycles if not cycle.response_complete]
+            if self.cycle is not None and self.cycle not in self._cycles:  # none for an upgrade
+                self._cycles.append(self.cycle)
             return
         # The parser stops: no application, nothing after the head read. uvicorn takes this for a
         # parse error: it logs "Invalid HTTP request received." and its 400 goes nowhere (closed).

@@ -12,7 +12,8 @@ admitted request. Where the two meet:
 - the key of a worker in `LitServer.workers_setup_status` (`worker_status_key`), and its values;
 - the number LitServe gives each API server on the LitSpec before forking it
   (`spec.response_queue_id`, 0…n-1), and `LitServer.inference_workers` (one per worker id);
-- the LitServer methods `server.TimmServer` overrides (`OVERRIDDEN_SERVER_METHODS`).
+- the LitServer methods `server.TimmServer` overrides (`OVERRIDDEN_SERVER_METHODS`);
+- the monitor thread that replaces dead workers, and the event that ends it (`stop_monitor`).
 
 tests/unit/test_litserve_internals.py checks each of these against the installed LitServe, so a
 version that moves one fails there, loudly, instead of somewhere in the request path.
@@ -20,9 +21,14 @@ version that moves one fails there, loudly, instead of somewhere in the request 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
+import litserve as ls
 from litserve.utils import WorkerSetupStatus
+
+# The name LitServe gives its monitor thread (`LitServer._start_worker_monitoring`).
+MONITOR_THREAD_NAME = "litserve-monitoring"
 
 # LitServer methods that TimmServer overrides (checked against the installed LitServe by the tests).
 OVERRIDDEN_SERVER_METHODS = (
@@ -46,3 +52,12 @@ def worker_ready(statuses: Mapping[str, str], api_path: str, worker_id: int) -> 
 def all_workers_ready(statuses: Mapping[str, str]) -> bool:
     """At least one worker, and every worker ready."""
     return bool(statuses) and all(value == WorkerSetupStatus.READY for value in statuses.values())
+
+
+def stop_monitor(server: ls.LitServer, timeout: float) -> None:
+    """End LitServe's monitor (no worker is replaced after this) and wait up to `timeout` seconds
+    for its last round, which may be starting a replacement, to finish."""
+    server._shutdown_event.set()
+    for thread in threading.enumerate():
+        if thread.name == MONITOR_THREAD_NAME:
+            thread.join(timeout)

@@ -23,7 +23,7 @@ from typing import Any
 
 import litserve as ls
 
-from timmserve import metrics, routes
+from timmserve import litserve_internals, metrics, routes
 from timmserve.admission import Admission
 from timmserve.config import ServeConfig
 from timmserve.errors import ModelLoadError
@@ -42,12 +42,13 @@ class TimmServer(ls.LitServer):
     """LitServer with a shutdown that loses no admitted request.
 
     LitServe stops its API servers one after another, each with the full grace period, while its
-    monitor may restart the workers being stopped, and it stops workers with SIGTERM. Here: the
-    monitor is stopped first; every API server is told at once to stop accepting and finish what
-    it has (uvicorn's graceful shutdown), within one shared grace period, while the workers keep
-    answering; then each worker gets the stop message (transport.py); then the manager
-    stops. The children ignore SIGTERM and SIGINT themselves (see `stop_on_signals`), so a signal
-    sent to the whole process group (Ctrl-C, systemd) drains the same way.
+    monitor may restart the workers being stopped, and it stops workers with SIGTERM. Here: every
+    API server is told at once to stop accepting and finish what it has (uvicorn's graceful
+    shutdown), within one shared grace period, while the workers keep answering and the monitor
+    keeps replacing any that dies; then the monitor is stopped; then each worker gets the stop
+    message (transport.py); then the manager stops. The children ignore SIGTERM and SIGINT
+    themselves (see `stop_on_signals`), so a signal sent to the whole process group (Ctrl-C,
+    systemd) drains the same way.
 
     The LitServer methods overridden here are private (litserve_internals.OVERRIDDEN_SERVER_METHODS,
     checked against the installed LitServe by the tests)."""
@@ -108,13 +109,15 @@ class TimmServer(ls.LitServer):
     def _drain(self, manager: Any, api_servers: list[BaseProcess]) -> None:
         started = time.monotonic()
         logger.info("shutting down: draining in-flight requests", extra={"grace_period_s": self.grace_period})
-        self._shutdown_event.set()  # LitServe's monitor: no more restarts
         for sock in getattr(self, "_listening_sockets", []):
             sock.close()  # this process's copy: once the API servers close theirs, the port is free
         for process in api_servers:
             process.terminate()  # SIGTERM: uvicorn stops accepting, finishes in-flight requests
         _join_or_kill(api_servers, started + self.grace_period, "API server")
         drained = time.monotonic() - started
+        # The monitor ran until now: a worker that died during the drain was replaced, and the API
+        # servers sent its images to a live one. No more replacements from here on.
+        litserve_internals.stop_monitor(self, timeout=5)
         stop_workers(self.transport_endpoints, len(self.inference_workers))
         _join_or_kill(self.inference_workers, time.monotonic() + 5, "inference worker")
         manager.shutdown()

@@ -3,6 +3,7 @@ dies, the request timeout, clients that go away, the API key, metrics, request i
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import psutil
 import pytest
+from PIL import Image
 
 from tests.conftest import DATA, ONE_SLOW_WORKER
 from timmserve.bench.process import ServerProcess
@@ -98,6 +100,12 @@ def _connection_refused(port: int) -> bool:
             return False
     except OSError:
         return True
+
+
+def inference_workers(server: ServerProcess) -> list[psutil.Process]:
+    """The server's inference worker processes (spawned by multiprocessing; not its resource tracker)."""
+    commands = {p: " ".join(p.cmdline()) for p in psutil.Process(server.pid).children()}
+    return [p for p, command in commands.items() if "spawn_main" in command and "resource_tracker" not in command]
 
 
 @pytest.mark.parametrize("to_group", [False, True], ids=["SIGTERM to the main process", "SIGTERM to the group"])
@@ -187,8 +195,7 @@ def answered_or_refused_while_draining(server, photos: dict[str, bytes], headers
 
 def test_a_dead_worker_loses_no_request_and_is_reported_at_once(start_server, photos):
     server = start_server("--workers-per-device", "2", "--max-batch-size", "4")
-    workers = [p for p in psutil.Process(server.pid).children() if "spawn_main" in " ".join(p.cmdline())]
-    workers = [p for p in workers if "resource_tracker" not in " ".join(p.cmdline())]
+    workers = inference_workers(server)
     assert len(workers) == 2
     statuses: list[int] = []
     stop = threading.Event()
@@ -224,6 +231,31 @@ def test_a_dead_worker_loses_no_request_and_is_reported_at_once(start_server, ph
     replacement = [p for p in psutil.Process(server.pid).children() if "spawn_main" in " ".join(p.cmdline())]
     assert workers[0].pid not in {p.pid for p in replacement}
     assert re.search(r"inference worker 0 \(pid \d+\) died with exit code -9; starting a replacement", server.log())
+
+
+def test_a_worker_that_dies_during_the_drain_loses_no_request(start_server, photos):
+    # Two slow workers (eager, a full decode of a 12-megapixel photo: a few hundred ms per image),
+    # so both still hold images when one is killed after the drain began.
+    server = start_server(
+        "--workers-per-device", "2", "--max-batch-size", "1", "--no-fast-decode", "--grace-period", "20",
+        "--backend", "eager", "--precision", "fp32", "--log-level", "info",
+    )  # fmt: skip
+    large = io.BytesIO()
+    Image.open(io.BytesIO(photos["cat"])).resize((4000, 3000)).save(large, "JPEG", quality=90)
+    workers = inference_workers(server)
+    assert len(workers) == 2
+    sent = 16
+    with ThreadPoolExecutor(sent) as pool:
+        futures = [pool.submit(predict, server.url, large.getvalue()) for _ in range(sent)]
+        assert wait_for(lambda: scrape(server.url)["timmserve_in_flight_images"] >= sent // 2, timeout=30)
+        os.kill(server.pid, signal.SIGTERM)
+        assert wait_for(lambda: "draining in-flight requests" in server.log(), timeout=10)
+        workers[0].kill()
+        responses = [future.result() for future in futures]
+    assert [r.status_code for r in responses] == [200] * sent  # its images went to the live worker
+    assert server.process.wait(timeout=30) == 0
+    assert "resubmitting it" in server.log()
+    assert wait_for(lambda: not session_processes(server.pid), timeout=10), session_processes(server.pid)
 
 
 def test_the_request_timeout_answers_504_and_frees_the_slot(start_server, photos):
@@ -297,6 +329,28 @@ def test_clients_that_disconnect_give_their_slots_back(start_server, photos):
     assert set(answered) <= {f'timmserve_requests_total{{endpoint="/predict",status="{s}"}}' for s in (200, 499)}
     assert sum(answered.values()) == len(halfway) + len(queued)  # 499: logged and counted, never a 500
     assert answered['timmserve_requests_total{endpoint="/predict",status="499"}'] >= len(halfway) + abandoned
+    assert predict(server.url, photos["cat"]).status_code == 200
+
+
+def test_a_client_that_pipelines_and_leaves_frees_every_slot_at_once(start_server, photos):
+    # uvicorn tells only a connection's newest request that its client left; the one before it,
+    # waiting for its answer, must be told too.
+    server = start_server("--max-batch-size", "1", "--timeout", "30", *ONE_SLOW_WORKER)
+    [worker] = inference_workers(server)
+    request = (
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+        f"Content-Length: {len(photos['cat'])}\r\n\r\n"
+    ).encode() + photos["cat"]
+    worker.suspend()  # the first request waits for its answer for as long as this lasts
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(request + request)  # the second pipelined behind the first
+            assert wait_for(lambda: scrape(server.url)["timmserve_in_flight_images"] == 1, timeout=10)
+        assert wait_for(lambda: scrape(server.url)["timmserve_in_flight_images"] == 0, timeout=5)
+    finally:
+        worker.resume()
+    abandoned = 'timmserve_images_total{outcome="abandoned"}'
+    assert wait_for(lambda: scrape(server.url).get(abandoned, 0) == 1, timeout=30)  # skipped, not classified
     assert predict(server.url, photos["cat"]).status_code == 200
 
 

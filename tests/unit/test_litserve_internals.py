@@ -52,3 +52,9 @@ def test_every_overridden_server_method_exists_with_the_signature_we_override(na
     theirs = inspect.signature(getattr(ls.LitServer, name))
     ours = inspect.signature(getattr(TimmServer, name))
     assert list(ours.parameters)[: len(theirs.parameters)] == list(theirs.parameters) or "kwargs" in ours.parameters
+
+
+def test_the_monitor_is_the_named_thread_that_ends_with_the_shutdown_event():
+    source = inspect.getsource(ls.LitServer._start_worker_monitoring)
+    assert f'name="{litserve_internals.MONITOR_THREAD_NAME}"' in source
+    assert "while not self._shutdown_event.is_set():" in source
