@@ -2,10 +2,10 @@
 
 LitServe carries a request through a multiprocessing manager, a third process: the API server puts
 it on a manager queue, a worker takes it (and looks once more at the queue for a batch), sends a
-START message back through another manager queue, then its answer the same way. On 2 cores those
-seven round trips cost ~4 ms per request, more than a plain FastAPI handler spends on the whole
-image (issue 15). Here an image makes two one-way trips, each one `send` and one `recv`, over
-ZeroMQ sockets on Unix-domain sockets (`ipc://`) in a private directory:
+START message back through another manager queue, then its answer the same way: seven round trips
+through a third process, ~1 ms of that process's CPU per request on 2 cores (issue 15). Here an
+image makes two one-way trips, each one `send` and one `recv`, over ZeroMQ sockets on Unix-domain
+sockets (`ipc://`) in a private directory:
 
 - each inference worker binds `worker-<id>` (PULL) and takes images from every API server
   (ZeroMQ interleaves them fairly);
