@@ -4,7 +4,7 @@ Each admitted image holds one slot until its request is answered, times out or i
 away. No free slot: the request is refused at once (503) instead of joining a queue that grows
 without bound. A slot holds the serial number of the request that took it, and the inference
 workers check it before spending CPU on an image: once a request has let go of its slot (answered
-504, or its client disconnected), a stale copy still in LitServe's queue is skipped.
+504, or its client disconnected), a copy still waiting for a worker is skipped.
 
 Slots and serials live in one `multiprocessing.Array`, created before LitServe forks its API
 servers and handed to the spawned workers with the LitAPI, so every process sees the same memory.
@@ -63,7 +63,7 @@ class Admission:
 
     def is_live(self, ticket: Ticket) -> bool:
         """Whether the request still waits for this image. Read without the lock: the slot was
-        written before the image went on the queue, so a stale read can only make a worker
+        written before the image was sent to a worker, so a stale read can only make a worker
         classify an image that nobody waits for any more."""
         return bool(self._slots()[ticket.slot] == ticket.serial)
 

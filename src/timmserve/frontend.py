@@ -61,7 +61,7 @@ class QueuedImage:
 
 
 class QueueFrontend(LitSpec):
-    """Admission, the worker queue and the answers, for every API server process (see module doc)."""
+    """Admission, dispatch to the workers and the answers, for every API server process (see module doc)."""
 
     def __init__(self, admission: Admission, endpoints: Endpoints, *, timeout: float) -> None:
         """`admission` is shared by every API server and worker (shared memory); `endpoints` is

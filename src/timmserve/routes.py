@@ -5,7 +5,7 @@ A request's path, top to bottom:
     POST /predict                         POST /v2/models/{name}/infer
     payload.parse_predict_request         oip.parse_infer_request (+ top_k checked)
                  └──── service.classify(images, request) ────┘
-                       an engine's data plane: LitServe's queue (frontend.py), Ray's batcher
+                       an engine's data plane: the workers (frontend.py), Ray's batcher
                        (ray_engine.py); one result per image: list[Prediction] | RequestError
     predictions_body (JSON)               oip.infer_response (JSON or binary)
 
