@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from timmserve.bench.process import ServerProcess, free_port  # noqa: F401  (free_port: for tests)
 
@@ -17,6 +19,14 @@ DATA = Path(__file__).parent / "data"
 ONE_SLOW_WORKER = ("--workers-per-device", "1", "--backend", "eager", "--precision", "fp32")
 
 CAT_LABELS = {"tabby, tabby cat", "tiger cat", "Persian cat", "Siamese cat, Siamese", "Egyptian cat"}
+
+
+def slow_image(side: int) -> bytes:
+    """A square lossless RGBA WebP: a 2 KB file whose decode takes time (about 1.5 s at 8000 here,
+    Pillow's WebP decoder has no reduced-size decode)."""
+    data = io.BytesIO()
+    Image.new("RGBA", (side, side), (255, 255, 255, 128)).save(data, "WEBP", lossless=True)
+    return data.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -106,6 +106,13 @@ class ServeConfig(Settings):
         ge=1,
     )
     api_servers: int | None = setting(None, "HTTP server (uvicorn) processes.", default_text="one per worker", ge=1)
+    inline: bool | None = setting(
+        None,
+        "A one-image request is classified in the API server's own process while nothing else is in flight "
+        "(no hop to a worker where batching has nothing to gather); needs the CPU, one thread per worker and "
+        "--engine litserve.",
+        default_text="on where it can be",
+    )
     torch_threads: int | None = setting(None, "Intra-op threads per worker.", default_text="cores ÷ workers", ge=1)
     decode_threads: int | None = setting(
         None,

@@ -1,8 +1,10 @@
 """The LitServe engine's data plane, in each API server process: admit, dispatch, await.
 
 `QueueFrontend.classify` is the `Classify` callable the HTTP endpoints (routes.py) are given. For
-each image it takes an admission slot (503 at once when the queue is full), sends the image to the
-ready worker with the fewest images outstanding (transport.py), and awaits that image's answer,
+each image it takes an admission slot (503 at once when the queue is full), then classifies a
+one-image request itself when nothing else is in flight and the server has an inline lane
+(inline.py), or else sends each image to the ready worker with the fewest images outstanding
+(transport.py), and awaits that image's answer,
 watching one end-to-end deadline (504), the client (gone: 499 in the log, noticed at once) and the
 worker that holds the image. A worker that dies holding an image loses nothing: classification is
 idempotent and the bytes are still here, so the image goes to a live worker once more (a second
@@ -20,14 +22,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from litserve.specs.base import LitSpec
 from starlette.requests import Request
 
 from timmserve import litserve_internals
-from timmserve.admission import Admission, Ticket
+from timmserve.admission import Admission
 from timmserve.classifier import Result
 from timmserve.errors import (
     AnswerTimeoutError,
@@ -36,6 +37,8 @@ from timmserve.errors import (
     PayloadTooLargeError,
     WorkerLostError,
 )
+from timmserve.inference import AdmittedImage
+from timmserve.inline import InlineLane
 from timmserve.middleware import request_id_of
 from timmserve.payload import ImageRequest
 from timmserve.transport import Dispatcher, Endpoints
@@ -50,28 +53,21 @@ WATCH_INTERVAL = 1.0
 STATUS_MAX_AGE = 0.1
 
 
-@dataclass(frozen=True)
-class QueuedImage:
-    """What a worker is sent: one image, the slot it holds and the request it belongs to."""
-
-    image: ImageRequest
-    ticket: Ticket
-    request_id: str
-    admitted_at: float  # time.monotonic(): one clock for every process on the machine
-
-
 class QueueFrontend(LitSpec):
     """Admission, dispatch to the workers and the answers, for every API server process (see module doc)."""
 
-    def __init__(self, admission: Admission, endpoints: Endpoints, *, timeout: float) -> None:
+    def __init__(
+        self, admission: Admission, endpoints: Endpoints, *, timeout: float, inline: InlineLane | None = None
+    ) -> None:
         """`admission` is shared by every API server and worker (shared memory); `endpoints` is
         where the transport's sockets live; `timeout` is the end-to-end deadline in seconds, from
-        admission to answer."""
+        admission to answer; `inline`: the API servers' inline lane, if the config has one."""
         super().__init__()
         self.api_path = QUEUE_PATH
         self.admission = admission
         self.transport_endpoints = endpoints
         self.timeout = timeout
+        self.inline = inline
         self._dispatcher: Dispatcher | None = None  # made in the API server's event loop
         self._statuses: dict[str, str] = {}
         self._statuses_read = float("-inf")
@@ -87,8 +83,12 @@ class QueueFrontend(LitSpec):
         tickets = self.admission.admit(len(images))
         deadline = time.monotonic() + self.timeout
         request_id = request_id_of(request.scope)
-        queued = [QueuedImage(image, ticket, request_id, time.monotonic()) for image, ticket in zip(images, tickets)]
-        tasks = [asyncio.ensure_future(self._submit(item, deadline)) for item in queued]
+        now = time.monotonic()
+        admitted = [AdmittedImage(image, ticket, request_id, now) for image, ticket in zip(images, tickets)]
+        if self._inline_now(admitted):
+            tasks = [asyncio.ensure_future(self._classify_inline(admitted[0], deadline))]
+        else:
+            tasks = [asyncio.ensure_future(self._submit(item, deadline)) for item in admitted]
         client_gone = asyncio.ensure_future(_disconnected(request))
         try:
             pending = set(tasks)
@@ -110,22 +110,34 @@ class QueueFrontend(LitSpec):
         """Every inference worker is up (false while LitServe replaces a dead one)."""
         return self._server is not None and litserve_internals.all_workers_ready(self._server.workers_setup_status)
 
-    async def _submit(self, queued: QueuedImage, deadline: float) -> Result:
+    def _inline_now(self, admitted: list[AdmittedImage]) -> bool:
+        # Nothing to batch it with: one image, and no other admitted anywhere (every API server).
+        return (
+            self.inline is not None and len(admitted) == 1 and self.admission.in_flight() == 1 and self.inline.claim()
+        )
+
+    async def _classify_inline(self, item: AdmittedImage, deadline: float) -> Result:
         try:
-            return await self._submit_once(queued, deadline)
+            return await asyncio.wait_for(self.inline.classify(item), deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            raise AnswerTimeoutError.after(self.timeout) from None
+
+    async def _submit(self, item: AdmittedImage, deadline: float) -> Result:
+        try:
+            return await self._submit_once(item, deadline)
         except WorkerLostError:
             logger.warning(
-                "an inference worker died holding an image; resubmitting it", extra={"request_id": queued.request_id}
+                "an inference worker died holding an image; resubmitting it", extra={"request_id": item.request_id}
             )
-            return await self._submit_once(queued, deadline)
+            return await self._submit_once(item, deadline)
 
-    async def _submit_once(self, queued: QueuedImage, deadline: float) -> Result:
+    async def _submit_once(self, item: AdmittedImage, deadline: float) -> Result:
         if self._dispatcher is None:
             self._dispatcher = Dispatcher(
                 self.transport_endpoints, self.response_queue_id, len(self._server.inference_workers)
             )
         worker_id = self._dispatcher.choose(self._worker_ready)
-        uid, answer = self._dispatcher.submit(worker_id, queued)
+        uid, answer = self._dispatcher.submit(worker_id, item)
         try:
             while not answer.done():
                 remaining = deadline - time.monotonic()

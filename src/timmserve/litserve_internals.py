@@ -12,7 +12,8 @@ admitted request. Where the two meet:
 - the key of a worker in `LitServer.workers_setup_status` (`worker_status_key`), and its values;
 - the number LitServe gives each API server on the LitSpec before forking it
   (`spec.response_queue_id`, 0…n-1), and `LitServer.inference_workers` (one per worker id);
-- the LitServer methods `server.TimmServer` overrides (`OVERRIDDEN_SERVER_METHODS`);
+- the LitServer methods `server.TimmServer` overrides (`OVERRIDDEN_SERVER_METHODS`), among them
+  `lifespan`, which LitServe hands to FastAPI as each API server's start and end;
 - the monitor thread that replaces dead workers, and the event that ends it (`stop_monitor`).
 
 tests/unit/test_litserve_internals.py checks each of these against the installed LitServe, so a
@@ -36,6 +37,7 @@ OVERRIDDEN_SERVER_METHODS = (
     "_init_manager",
     "_perform_graceful_shutdown",
     "launch_single_inference_worker",
+    "lifespan",
 )
 
 

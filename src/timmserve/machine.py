@@ -127,6 +127,7 @@ def resolve_machine(config: ServeConfig) -> ServeConfig:
     resolved = config.replace(accelerator=accelerator, devices=devices, **unset)
     if resolved.torch_threads is None:
         resolved = resolved.replace(torch_threads=max(1, cores // resolved.worker_count()))
+    resolved = resolve_inline(resolved)
     if resolved.ray_max_replicas is not None and resolved.ray_max_replicas < resolved.worker_count():
         raise ConfigError(
             f"--ray-max-replicas {resolved.ray_max_replicas} is below the starting replica count "
@@ -135,11 +136,25 @@ def resolve_machine(config: ServeConfig) -> ServeConfig:
     return resolved
 
 
+def resolve_inline(config: ServeConfig) -> ServeConfig:
+    """`inline` (inline.py) on where it can be, unless the config says otherwise: the LitServe
+    engine on the CPU with one intra-op thread per worker (a runtime's thread pool does not survive
+    the fork that starts an API server). Raises ConfigError when asked for where it cannot be."""
+    possible = config.engine == "litserve" and config.accelerator == "cpu" and config.torch_threads == 1
+    if config.inline and not possible:
+        raise ConfigError(
+            f"--inline needs --engine litserve on the CPU with one thread per worker (this config: "
+            f"{config.engine} on {config.accelerator}, {config.torch_threads} thread(s) per worker); "
+            "drop --inline (on the CPU, or set --torch-threads 1)"
+        )
+    return config.replace(inline=possible if config.inline is None else config.inline)
+
+
 def describe(config: ServeConfig) -> str:
     """A resolved config's serving choices in one line, for the start-up log."""
     return (
         f"{config.engine} on {config.devices} {config.accelerator} device(s): {config.workers_per_device} "
         f"worker(s) per device × {config.torch_threads} thread(s), backend {config.backend} {config.precision}, "
         f"max batch {config.max_batch_size} (wait {config.batch_timeout:g} s), decode {config.decode_threads} "
-        f"thread(s){', fast' if config.fast_decode else ''}"
+        f"thread(s){', fast' if config.fast_decode else ''}{', inline when idle' if config.inline else ''}"
     )

@@ -66,13 +66,14 @@ class HttpMetrics:
 
 @dataclass(frozen=True)
 class WorkerMetrics:
-    """Recorded in the inference workers."""
+    """Recorded where images are classified: the inference workers and the API servers' inline lanes."""
 
     queue_wait: Any  # Histogram: admitted → taken into a batch
     batch_size: Any  # Histogram: images per model call
     batch_duration: Any  # Histogram: decode + model, per batch
     images: Any  # Counter{outcome}: classified | rejected (bad image) | abandoned (nobody waits)
     model_load: Any  # Gauge: seconds the worker took to load and warm up its model
+    inline_images: Any  # Counter: images an API server classified itself (inline.py)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,11 @@ def worker_metrics() -> WorkerMetrics:
         model_load=Gauge(
             "timmserve_model_load_seconds", "Seconds the most recently started worker took to load and warm up "
             "its model.", multiprocess_mode="mostrecent", registry=registry,
+        ),
+        inline_images=Counter(
+            "timmserve_inline_images", "Images an API server classified in its own process, with no hop to a "
+            "worker (its inline lane: one-image requests while nothing else is in flight); counted in "
+            "timmserve_images too.", registry=registry,
         ),
     )  # fmt: skip
 

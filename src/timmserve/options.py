@@ -2,7 +2,7 @@
 default and help are written once, on the field.
 
 - `max_batch_size` is `--max-batch-size` (or the field's `flag`: `rates` is `--rate`).
-- A bool on by default is a `--x/--no-x` pair; one off by default is a `--x` flag.
+- A bool off by default is a `--x` flag; any other (on, or None: decided later) a `--x/--no-x` pair.
 - A Literal is a choice; a tuple is a comma-separated list (`--concurrency 1,8,32`); a path with
   metavar FILE may not be a directory, one with metavar DIR may not be a file.
 - The default shown is the field's default, or its `default_text` where the default is None.
@@ -59,7 +59,7 @@ def _option(name: str, field: FieldInfo) -> Callable[[F], F]:
     shown = {"help": field.description, "show_default": metadata.get("default_text", True)}
     kind = unwrap(field.annotation)[0]
     if kind is bool:
-        declaration = f"{flag}/--no-{flag[2:]}" if field.default else flag
+        declaration = flag if field.default is False else f"{flag}/--no-{flag[2:]}"
         return click.option(declaration, name, is_flag=True, default=field.default, **shown)
     default = None if field.default in (None, ()) else _text(field.default)
     metavar = metadata.get("metavar")

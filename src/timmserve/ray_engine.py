@@ -17,7 +17,8 @@ What Ray does with each setting (the README's engine table says the same):
 - `/metrics`: the replicas record timmserve's metrics, under the same names, into one directory;
   a scrape merges them (prometheus-client's multi-process mode). Only on a local Ray instance:
   replicas on other machines cannot share a directory, so with `--ray-address` there is none.
-- `--api-servers`: refused (`check_supported`): Ray runs one HTTP proxy per node.
+- `--api-servers` and `--inline`: refused (`check_supported`): Ray runs one HTTP proxy per node,
+  and every request goes from it to a replica.
 
 Drain (SIGTERM/SIGINT): Ray's proxy owns the port until Serve stops, so instead of closing it
 first, every replica answers new requests 503 with `Retry-After` while it finishes the ones it
@@ -58,7 +59,10 @@ REPLICA_HEADER = "X-Timmserve-Replica"
 APP_NAME = "timmserve"
 DRAIN_ACTOR = "timmserve-drain"  # in the namespace APP_NAME
 # Settings this engine cannot honour, and why: set to anything but their default, they are refused.
-UNSUPPORTED = {"api_servers": "Ray Serve runs one HTTP proxy per node"}
+UNSUPPORTED = {
+    "api_servers": "Ray Serve runs one HTTP proxy per node",
+    "inline": "a replica is its own process behind Ray's proxy, so every request makes that hop",
+}
 
 
 def check_supported(config: ServeConfig) -> None:

@@ -17,6 +17,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
@@ -29,6 +31,7 @@ from timmserve.config import ServeConfig
 from timmserve.errors import ModelLoadError
 from timmserve.frontend import QueueFrontend
 from timmserve.http_protocol import limited_protocol
+from timmserve.inline import InlineLane
 from timmserve.logs import configure_logging
 from timmserve.payload import PayloadLimits
 from timmserve.startup import oip_model_name, prepare
@@ -55,6 +58,20 @@ class TimmServer(ls.LitServer):
 
     grace_period: float = 30.0
     transport_endpoints: Endpoints  # the transport's sockets (set by build_server)
+    inline_lane: InlineLane | None = None  # each API server's own, when the config has one
+
+    @asynccontextmanager
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        """LitServe's start and end of each API server, in its process: the inline lane loads its
+        model before the API server accepts connections, and waits for its last image at the end."""
+        if self.inline_lane is not None:
+            await self.inline_lane.start()
+        try:
+            async with super().lifespan(app):
+                yield
+        finally:
+            if self.inline_lane is not None:
+                self.inline_lane.close()
 
     def _start_server(self, port: int, num_servers: int, log_level: str, sockets: list[socket.socket],
                       worker_type: str, **kwargs: Any) -> dict[int, BaseProcess | threading.Thread]:  # fmt: skip
@@ -165,7 +182,8 @@ def build_server(config: ServeConfig, endpoints: Endpoints) -> TimmServer:
     # Created here, in the main process: LitServe forks the API servers and hands the LitAPI to the
     # spawned workers, so all of them share the admission slots' memory.
     admission = Admission(config.queue_limit())
-    frontend = QueueFrontend(admission, endpoints, timeout=config.timeout)
+    inline_lane = InlineLane(config, prepared.labels, admission) if config.inline else None
+    frontend = QueueFrontend(admission, endpoints, timeout=config.timeout, inline=inline_lane)
     server = TimmServer(
         ClassifierAPI(config, prepared.labels, frontend),
         accelerator=config.accelerator,
@@ -177,6 +195,7 @@ def build_server(config: ServeConfig, endpoints: Endpoints) -> TimmServer:
     )
     server.grace_period = config.grace_period
     server.transport_endpoints = endpoints
+    server.inline_lane = inline_lane
     # LitServe checks its workers every 2 s: /health said 200 for up to 2 s after a worker died.
     server.monitor_internal = 0.1
     service = routes.InferenceService(

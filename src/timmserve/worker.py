@@ -2,10 +2,9 @@
 
 LitServe starts the worker, calls `setup`, marks it ready and hands control to its loop:
 `WorkerLoop`, which takes batches of images from the API servers (transport.py, batching.py) until
-the stop message. For each batch the worker drops the images whose request is gone (their
-admission slot was freed: answered 504, client left), classifies the rest as one batch, checks the
-batch contract (one result per image), records metrics, and answers one `list[Prediction] |
-RequestError` per image as is: the HTTP endpoints encode it (routes.py).
+the stop message. Each batch is classified by `inference.classify_admitted` (images nobody waits
+for skipped, the batch contract checked, metrics) and each image's `list[Prediction] |
+RequestError` answered as is: the HTTP endpoints encode it (routes.py).
 """
 
 from __future__ import annotations
@@ -24,15 +23,12 @@ from timmserve.admission import Admission
 from timmserve.batching import take_batch
 from timmserve.classifier import Classifier, Result, start_worker_classifier
 from timmserve.config import ServeConfig
-from timmserve.errors import ClientGoneError, InternalError
-from timmserve.frontend import QueuedImage, QueueFrontend
+from timmserve.frontend import QueueFrontend
+from timmserve.inference import AdmittedImage, classify_admitted
 from timmserve.logs import configure_logging
 from timmserve.transport import Answer, Endpoints, Stopped, WorkerEnd
 
 logger = logging.getLogger(__name__)
-
-# The answer for an image whose request has gone: no one receives it.
-ABANDONED = ClientGoneError("the request had already been answered or abandoned")
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -68,22 +64,9 @@ class ClassifierAPI(ls.LitAPI):
         metrics.worker_metrics().model_load.set(load_seconds)
         logger.info("worker ready on %s", device, extra={"load_seconds": round(load_seconds, 2)})
 
-    def classify(self, queued: list[QueuedImage]) -> list[Result]:
-        """One result per queued image; images that nobody waits for any more are skipped. Raises
-        InternalError when the classifier breaks the batch contract (a bug)."""
-        started = time.monotonic()
-        wanted = [self.admission.is_live(item.ticket) for item in queued]
-        live = [item for item, keep in zip(queued, wanted) if keep]
-        try:
-            answers = self.classifier.classify([item.image for item in live]) if live else []
-            if len(answers) != len(live):  # as Ray Serve's batcher checks its batch functions
-                raise InternalError(f"the classifier returned {len(answers)} results for {len(live)} images")
-        except Exception:
-            logger.exception("a batch failed", extra={"request_ids": [item.request_id for item in live]})
-            raise
-        metrics.record_batch(started, live, answers, abandoned=len(queued) - len(live))
-        remaining = iter(answers)
-        return [next(remaining) if keep else ABANDONED for keep in wanted]
+    def classify(self, batch: list[AdmittedImage]) -> list[Result]:
+        """One result per image of the batch (inference.classify_admitted)."""
+        return classify_admitted(self.classifier, self.admission, batch)
 
 
 class WorkerLoop(LitLoop):

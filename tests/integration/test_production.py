@@ -235,10 +235,10 @@ def test_a_dead_worker_loses_no_request_and_is_reported_at_once(start_server, ph
 
 def test_a_worker_that_dies_during_the_drain_loses_no_request(start_server, photos):
     # Two slow workers (eager, a full decode of a 12-megapixel photo: a few hundred ms per image),
-    # so both still hold images when one is killed after the drain began.
+    # so both still hold images when one is killed after the drain began; every image on a worker.
     server = start_server(
         "--workers-per-device", "2", "--max-batch-size", "1", "--no-fast-decode", "--grace-period", "20",
-        "--backend", "eager", "--precision", "fp32", "--log-level", "info",
+        "--backend", "eager", "--precision", "fp32", "--log-level", "info", "--no-inline",
     )  # fmt: skip
     large = io.BytesIO()
     Image.open(io.BytesIO(photos["cat"])).resize((4000, 3000)).save(large, "JPEG", quality=90)

@@ -4,17 +4,16 @@ refuses, its request timeout and its queue bound. Skipped when the ray extra is 
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from PIL import Image
 
 pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'timmserve[ray]'")
 
+from tests.conftest import slow_image  # noqa: E402
 from tests.integration.test_production import (  # noqa: E402, F401  (collected again here, on Ray)
     API_KEY,
     API_KEY_ENV,
@@ -43,21 +42,18 @@ def keyed_server(start_module_server):
         )
 
 
-def test_a_setting_ray_cannot_honour_is_refused_in_one_line_before_ray_starts():
-    serve = [sys.executable, "-m", "timmserve", "serve", "--engine", "ray", "--api-servers", "2"]
+@pytest.mark.parametrize(
+    ("option", "reason"),
+    [
+        (["--api-servers", "2"], "Ray Serve runs one HTTP proxy per node"),
+        (["--inline"], "a replica is its own process behind Ray's proxy, so every request makes that hop"),
+    ],
+)
+def test_a_setting_ray_cannot_honour_is_refused_in_one_line_before_ray_starts(option, reason):
+    serve = [sys.executable, "-m", "timmserve", "serve", "--engine", "ray", *option]
     result = subprocess.run(serve, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        "Error: --api-servers is not supported by --engine ray: Ray Serve runs one HTTP proxy per node"
-    ]
-
-
-def slow_image(side: int) -> bytes:
-    """A square lossless RGBA WebP: a 2 KB file whose decode takes time (about 1.5 s at 8000 here,
-    Pillow's WebP decoder has no reduced-size decode)."""
-    data = io.BytesIO()
-    Image.new("RGBA", (side, side), (255, 255, 255, 128)).save(data, "WEBP", lossless=True)
-    return data.getvalue()
+    assert result.stderr.strip().splitlines() == [f"Error: {option[0]} is not supported by --engine ray: {reason}"]
 
 
 def test_the_request_timeout_answers_504_from_the_replica(keyed_server, photos):

@@ -58,3 +58,9 @@ def test_the_monitor_is_the_named_thread_that_ends_with_the_shutdown_event():
     source = inspect.getsource(ls.LitServer._start_worker_monitoring)
     assert f'name="{litserve_internals.MONITOR_THREAD_NAME}"' in source
     assert "while not self._shutdown_event.is_set():" in source
+
+
+def test_each_api_server_runs_the_lifespan_the_server_object_has():
+    # TimmServer.lifespan starts the inline lane in each API server: LitServe must take the app's
+    # lifespan from the instance, where the override is.
+    assert "FastAPI(lifespan=self.lifespan" in inspect.getsource(ls.LitServer.__init__)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from timmserve.machine import cpu_quota
+import pytest
+
+from timmserve.config import ServeConfig
+from timmserve.errors import ConfigError
+from timmserve.machine import cpu_quota, resolve_inline
 
 
 def fake_cgroup(tmp_path: Path, memberships: str, files: dict[str, str]) -> tuple[Path, Path]:
@@ -33,3 +37,25 @@ def test_a_cgroup_v1_quota_is_read_from_the_processes_own_cpu_cgroup(tmp_path):
 
 def test_no_cgroup_information_is_no_quota(tmp_path):
     assert cpu_quota(tmp_path / "missing", tmp_path) is None
+
+
+def resolved(**settings) -> ServeConfig:
+    """A config as resolve_machine leaves it on a CPU, before `inline` is decided."""
+    return ServeConfig.from_mapping({"accelerator": "cpu", "devices": 1, "workers_per_device": 2, **settings})
+
+
+def test_the_inline_lane_is_on_where_it_can_be_and_off_elsewhere():
+    assert resolve_inline(resolved(torch_threads=1)).inline is True
+    assert resolve_inline(resolved(torch_threads=2)).inline is False  # a forked thread pool hangs
+    assert resolve_inline(resolved(torch_threads=1, accelerator="cuda")).inline is False
+    assert resolve_inline(resolved(torch_threads=1, engine="ray")).inline is False
+    assert resolve_inline(resolved(torch_threads=1, inline=False)).inline is False
+
+
+def test_the_inline_lane_asked_for_where_it_cannot_be_is_one_clear_error():
+    with pytest.raises(ConfigError) as error:
+        resolve_inline(resolved(torch_threads=2, inline=True))
+    assert str(error.value) == (
+        "--inline needs --engine litserve on the CPU with one thread per worker (this config: litserve on "
+        "cpu, 2 thread(s) per worker); drop --inline (on the CPU, or set --torch-threads 1)"
+    )
