@@ -2,7 +2,8 @@
 RequestError that explains why that one image could not be classified.
 
 This is the batch function the LitAPI adapts. It never lets one request's bad bytes fail the
-batch: decoding happens per item (in a thread pool: PIL releases the GIL while decoding) into
+batch: decoding happens per item (in a thread pool: PIL releases the GIL while decoding; or, with
+`--gpu-decode`, the batch's JPEGs in one call on the GPU, preprocess.DeviceJpegDecoder) into
 uint8 tensors; the good ones go to the device as one batch (one host→device copy, from pinned memory
 on CUDA), are normalised there in one op, and run through the inference backend; failures travel
 back as values in their own slots.
@@ -34,7 +35,7 @@ from timmserve.machine import device_name, resolve_machine
 from timmserve.model import LoadedModel, ModelInfo, load_model
 from timmserve.payload import ImageRequest, Prediction
 from timmserve.photos import reference_photos
-from timmserve.preprocess import Normalizer, Preprocessor
+from timmserve.preprocess import DeviceJpegDecoder, Normalizer, Preprocessor
 
 Result = list[Prediction] | RequestError
 
@@ -54,6 +55,7 @@ class Classifier:
         device: torch.device,
         channels_last: bool = False,
         decode_threads: int = 1,
+        device_decoder: DeviceJpegDecoder | None = None,
     ) -> None:
         self.backend = backend
         self.preprocessor = preprocessor
@@ -64,15 +66,23 @@ class Classifier:
         self._decode_pool = (
             ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads > 1 else None
         )
+        self.device_decoder = device_decoder  # JPEGs on the device; the rest in the decode pool
 
     def classify(self, requests: Sequence[ImageRequest]) -> list[Result]:
         """One result per request, in order: its top-k predictions (descending probability), or
         the RequestError that is that image's answer. Raises only when the model call itself fails
         (that fails the whole batch: a bug, or the device)."""
-        results: list[Result | torch.Tensor] = list(self._map(self._preprocess, requests))
+        results: list[Result | torch.Tensor | None] = (
+            self.device_decoder([request.data for request in requests])
+            if self.device_decoder is not None
+            else [None] * len(requests)
+        )
+        on_cpu = [i for i, item in enumerate(results) if item is None]
+        for i, item in zip(on_cpu, self._map(self._preprocess, [requests[i] for i in on_cpu])):
+            results[i] = item
         good = [i for i, item in enumerate(results) if isinstance(item, torch.Tensor)]
         if good:
-            probabilities = self.probabilities(torch.stack([results[i] for i in good]))
+            probabilities = self.probabilities(torch.stack([results[i].to(self.device) for i in good]))
             max_k = max(requests[i].top_k for i in good)
             top_probs, top_indices = probabilities.topk(max_k, dim=1)
             for row, i in enumerate(good):
@@ -94,7 +104,7 @@ class Classifier:
         return self._logits(torch.stack([self.preprocessor(data) for data in images])).cpu()
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory()  # so the copy below is asynchronous
         batch = self.normalizer(batch.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
         return self.backend(batch).float()
@@ -156,6 +166,7 @@ def build_classifier(config: ServeConfig, labels: Sequence[str], device: torch.d
         device=device,
         channels_last=config.channels_last,
         decode_threads=config.decode_threads,
+        device_decoder=DeviceJpegDecoder(preprocessor, device) if config.gpu_decode else None,
     )
     return classifier, loaded.info
 

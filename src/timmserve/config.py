@@ -125,6 +125,11 @@ class ServeConfig(Settings):
         "JPEGs decoded at the smallest DCT scale still at least timm's resize size (PIL draft), resize and "
         "crop on uint8 tensors (torchvision v2); off: timm's PIL transform as is.",
     )
+    gpu_decode: bool = setting(
+        False,
+        "CUDA: a batch's JPEGs decoded on the GPU in one nvJPEG call and resized there; other images, and "
+        "JPEGs nvJPEG would not decode as the CPU does (CMYK, EXIF-rotated, multi-picture), on the CPU.",
+    )
 
     # --- batching ---
     max_batch_size: int | None = setting(

@@ -127,6 +127,8 @@ def resolve_machine(config: ServeConfig) -> ServeConfig:
     resolved = config.replace(accelerator=accelerator, devices=devices, **unset)
     if resolved.torch_threads is None:
         resolved = resolved.replace(torch_threads=max(1, cores // resolved.worker_count()))
+    if resolved.gpu_decode and accelerator != "cuda":
+        raise ConfigError("--gpu-decode needs a CUDA device (nvJPEG); this config runs on the CPU")
     resolved = resolve_inline(resolved)
     if resolved.ray_max_replicas is not None and resolved.ray_max_replicas < resolved.worker_count():
         raise ConfigError(
@@ -156,5 +158,6 @@ def describe(config: ServeConfig) -> str:
         f"{config.engine} on {config.devices} {config.accelerator} device(s): {config.workers_per_device} "
         f"worker(s) per device × {config.torch_threads} thread(s), backend {config.backend} {config.precision}, "
         f"max batch {config.max_batch_size} (wait {config.batch_timeout:g} s), decode {config.decode_threads} "
-        f"thread(s){', fast' if config.fast_decode else ''}{', inline when idle' if config.inline else ''}"
+        f"thread(s){', fast' if config.fast_decode else ''}{', JPEGs on the GPU' if config.gpu_decode else ''}"
+        f"{', inline when idle' if config.inline else ''}"
     )

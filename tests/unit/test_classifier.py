@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import CAT_LABELS
 from timmserve.backends import create_backend
@@ -11,7 +14,7 @@ from timmserve.errors import InvalidImageError, ModelLoadError
 from timmserve.labels import load_labels
 from timmserve.model import load_model
 from timmserve.payload import ImageRequest
-from timmserve.preprocess import Preprocessor
+from timmserve.preprocess import DeviceJpegDecoder, Preprocessor
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +22,17 @@ def builtin():
     return load_model(ServeConfig())
 
 
-def make_classifier(loaded, precision="fp32", decode_threads=2, backend="eager") -> Classifier:
+def make_classifier(loaded, precision="fp32", decode_threads=2, backend="eager", device_decode=False) -> Classifier:
     spec = backend_spec(ServeConfig(precision=precision), loaded.info, torch.device("cpu"))
+    preprocessor = Preprocessor(loaded.info.data_config, max_pixels=2**26)
     return Classifier(
         create_backend(backend, loaded.model, spec),
-        Preprocessor(loaded.info.data_config, max_pixels=2**26),
+        preprocessor,
         load_labels(loaded.info.num_classes),
         device=torch.device("cpu"),
         decode_threads=decode_threads,
+        # --gpu-decode's path, run on the CPU (decode_jpeg decodes on either device)
+        device_decoder=DeviceJpegDecoder(preprocessor, torch.device("cpu")) if device_decode else None,
     )
 
 
@@ -117,3 +123,60 @@ def test_warm_up_covers_every_batch_size_the_server_forms_on_cuda(builtin, tmp_p
         backend_spec(ServeConfig(max_batch_size=12, cache_dir=tmp_path), builtin.info, torch.device("cpu")),
     )
     assert warm_up_batch_sizes(compiled, torch.device("cpu"), 12) == [1, 2, 4, 8, 12]
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_jpegs_decoded_on_the_device_agree_with_the_cpu_path(builtin, photos):
+    # Full decode + antialiased resize against the CPU's DCT-scaled decode: the accuracy guard's
+    # fp32 tolerance (top-1 equal, no probability moved by more than 0.05).
+    requests = [ImageRequest(data, 5) for data in photos.values()]
+    classifier = make_classifier(builtin, device_decode=True)
+    decoded = classifier.device_decoder([r.data for r in requests])
+    assert all(isinstance(slot, torch.Tensor) and slot.shape == (3, 224, 224) for slot in decoded)
+    for on_cpu, on_device in zip(make_classifier(builtin).classify(requests), classifier.classify(requests)):
+        assert on_device[0].label == on_cpu[0].label
+        by_label = {p.label: p.probability for p in on_device}
+        for p in on_cpu[:2]:
+            assert by_label.get(p.label, 0.0) == pytest.approx(p.probability, abs=0.05)
+
+
+def test_the_device_decoder_leaves_what_it_would_decode_differently_to_the_cpu_path(builtin, photos):
+    rotated = Image.Exif()
+    rotated[0x0112] = 6
+    cat = Image.open(io.BytesIO(photos["cat"]))
+    images = {
+        "jpeg": photos["cat"],
+        "grey jpeg": encode(cat.convert("L"), "JPEG"),
+        "png": encode(cat, "PNG"),
+        "cmyk jpeg": encode(cat.convert("CMYK"), "JPEG"),
+        "rotated jpeg": encode(cat, "JPEG", exif=rotated),
+        "empty": b"",
+    }
+    classifier = make_classifier(builtin, device_decode=True)
+    slots = dict(zip(images, classifier.device_decoder(list(images.values()))))
+    assert isinstance(slots.pop("jpeg"), torch.Tensor) and isinstance(slots.pop("grey jpeg"), torch.Tensor)
+    assert isinstance(slots.pop("empty"), InvalidImageError)  # its header's answer, as on the CPU path
+    assert slots == {"png": None, "cmyk jpeg": None, "rotated jpeg": None}
+    # Every image gets the answer it gets without the device decoder.
+    requests = [ImageRequest(data, 3) for data in images.values()]
+    with_device = classifier.classify(requests)
+    without = make_classifier(builtin).classify(requests)
+    for name, a, b in zip(images, with_device, without):
+        if isinstance(b, InvalidImageError):
+            assert type(a) is type(b) and a.detail == b.detail, name
+        else:
+            assert a[0].label == b[0].label, name
+
+
+def test_a_corrupt_jpeg_sends_its_batch_to_the_cpu_path_and_fails_alone(builtin, photos):
+    truncated = photos["espresso"][: len(photos["espresso"]) // 3]
+    classifier = make_classifier(builtin, device_decode=True)
+    assert classifier.device_decoder([photos["cat"], truncated]) == [None, None]
+    cat, broken = classifier.classify([ImageRequest(photos["cat"], 3), ImageRequest(truncated, 3)])
+    assert cat[0].label in CAT_LABELS
+    assert isinstance(broken, InvalidImageError) and "corrupt or truncated" in broken.detail

@@ -127,3 +127,12 @@ def test_right_after_default_the_reference_rung_serves_defaults_configuration():
     assert ladder.config("reference") == BASE.replace(max_batch_size=1)
     before_default = Ladder(BenchConfig(serve=BASE, ladder=("baseline", "reference", "default")), "cpu")
     assert before_default.config("reference") == ladder.config("baseline").replace(max_batch_size=1)
+
+
+def test_gpu_decode_is_a_rung_on_cuda_only():
+    on_cpu = Ladder(BenchConfig(serve=BASE), "cpu")
+    assert "gpu-decode" not in on_cpu.names and "CUDA" in on_cpu.skipped["gpu-decode"]
+    on_cpu.decide_best({})
+    assert on_cpu.config("best").gpu_decode is False
+    on_gpu = Ladder(BenchConfig(serve=BASE), "cuda")
+    assert on_gpu.config("decode").gpu_decode is False and on_gpu.config("gpu-decode").gpu_decode is True

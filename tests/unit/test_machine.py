@@ -8,7 +8,7 @@ import pytest
 
 from timmserve.config import ServeConfig
 from timmserve.errors import ConfigError
-from timmserve.machine import cpu_quota, resolve_inline
+from timmserve.machine import cpu_quota, resolve_inline, resolve_machine
 
 
 def fake_cgroup(tmp_path: Path, memberships: str, files: dict[str, str]) -> tuple[Path, Path]:
@@ -59,3 +59,9 @@ def test_the_inline_lane_asked_for_where_it_cannot_be_is_one_clear_error():
         "--inline needs --engine litserve on the CPU with one thread per worker (this config: litserve on "
         "cpu, 2 thread(s) per worker); drop --inline (on the CPU, or set --torch-threads 1)"
     )
+
+
+def test_gpu_decode_on_the_cpu_is_one_clear_error():
+    with pytest.raises(ConfigError) as error:
+        resolve_machine(ServeConfig(accelerator="cpu", gpu_decode=True))
+    assert str(error.value) == "--gpu-decode needs a CUDA device (nvJPEG); this config runs on the CPU"

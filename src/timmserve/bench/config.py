@@ -17,6 +17,7 @@ LADDER: tuple[str, ...] = (
     "precision",
     "backend",
     "decode",
+    "gpu-decode",
     "reference",
     "best",
     "default",

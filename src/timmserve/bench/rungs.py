@@ -32,6 +32,7 @@ BEST = "best"
 RAY = "ray"
 REFERENCE = "reference"
 DEFAULT = "default"
+GPU_DECODE = "gpu-decode"
 # Not cumulative, never in best: another server for the rungs before them, or serve's own defaults.
 SIDE_RUNGS = (RAY, REFERENCE, DEFAULT)
 
@@ -55,6 +56,8 @@ def built_in_rungs(accelerator: str) -> dict[str, dict[str, Any]]:
         # Resolved once per run, before the first rung, by measuring the installed backends here.
         "backend": {"backend": "auto"},
         "decode": {"decode_threads": min(4, psutil.cpu_count() or 1), "fast_decode": True},
+        # The batch's JPEGs decoded by nvJPEG on the GPU and resized there (CUDA only).
+        GPU_DECODE: {"gpu_decode": True},
         # An engine, not an optimisation: the knobs of the rungs before it, served by Ray Serve, so
         # it compares with the LitServe rung right before it. Never part of `best`.
         RAY: {"engine": "ray"},
@@ -75,6 +78,8 @@ def unsupported_rungs(accelerator: str) -> dict[str, str]:
         unsupported["precision"] = (
             "this CPU has no native bf16 (AVX-512 BF16 or AMX); force it with --set precision=bf16"
         )
+    if accelerator != "cuda":
+        unsupported[GPU_DECODE] = "JPEGs are decoded on the GPU only on a CUDA device (nvJPEG)"
     if importlib.util.find_spec("ray") is None:
         unsupported[RAY] = "Ray Serve is not installed (pip install 'timmserve[ray]')"
     return unsupported
