@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +41,16 @@ from timmserve.preprocess import DeviceJpegDecoder, Normalizer, Preprocessor
 Result = list[Prediction] | RequestError
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodedBatch:
+    """A batch between the classifier's two stages (`Classifier.decode`, `Classifier.finish`)."""
+
+    requests: Sequence[ImageRequest]
+    slots: list  # per request: its uint8 CHW tensor, or the RequestError that is its answer
+    good: list[int]  # the requests whose tensors are in `batch`, in order
+    batch: torch.Tensor | None  # (len(good), C, H, W) uint8; None when no image decoded
 
 
 class Classifier:
@@ -71,22 +82,38 @@ class Classifier:
     def classify(self, requests: Sequence[ImageRequest]) -> list[Result]:
         """One result per request, in order: its top-k predictions (descending probability), or
         the RequestError that is that image's answer. Raises only when the model call itself fails
-        (that fails the whole batch: a bug, or the device)."""
-        results: list[Result | torch.Tensor | None] = (
+        (that fails the whole batch: a bug, or the device). The two stages below, in turn."""
+        return self.finish(self.decode(requests))
+
+    def decode(self, requests: Sequence[ImageRequest]) -> DecodedBatch:
+        """Stage 1, the CPU's part (a worker with `--overlap` runs it for its next batch while
+        stage 2 runs the current one): each image decoded and resized to its uint8 tensor, or its
+        RequestError; the good ones stacked, in pinned memory on CUDA."""
+        slots: list[Result | torch.Tensor | None] = (
             self.device_decoder([request.data for request in requests])
             if self.device_decoder is not None
             else [None] * len(requests)
         )
-        on_cpu = [i for i, item in enumerate(results) if item is None]
+        on_cpu = [i for i, item in enumerate(slots) if item is None]
         for i, item in zip(on_cpu, self._map(self._preprocess, [requests[i] for i in on_cpu])):
-            results[i] = item
-        good = [i for i, item in enumerate(results) if isinstance(item, torch.Tensor)]
+            slots[i] = item
+        good = [i for i, item in enumerate(slots) if isinstance(item, torch.Tensor)]
+        batch = None
         if good:
-            probabilities = self.probabilities(torch.stack([results[i].to(self.device) for i in good]))
-            max_k = max(requests[i].top_k for i in good)
+            batch = torch.stack([slots[i].to(self.device) for i in good])
+            if self.device.type == "cuda" and batch.device.type == "cpu":
+                batch = batch.pin_memory()  # so the copy in stage 2 is asynchronous
+        return DecodedBatch(requests, slots, good, batch)
+
+    def finish(self, decoded: DecodedBatch) -> list[Result]:
+        """Stage 2, the model's part: one result per request of a decoded batch, in order."""
+        results = list(decoded.slots)
+        if decoded.batch is not None:
+            probabilities = self.probabilities(decoded.batch)
+            max_k = max(decoded.requests[i].top_k for i in decoded.good)
             top_probs, top_indices = probabilities.topk(max_k, dim=1)
-            for row, i in enumerate(good):
-                k = requests[i].top_k
+            for row, i in enumerate(decoded.good):
+                k = decoded.requests[i].top_k
                 results[i] = [
                     Prediction(self.labels[index], probability)
                     for index, probability in zip(top_indices[row, :k].tolist(), top_probs[row, :k].tolist())
@@ -105,7 +132,7 @@ class Classifier:
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda" and batch.device.type == "cpu":
-            batch = batch.pin_memory()  # so the copy below is asynchronous
+            batch = batch.pin_memory()  # so the copy below is asynchronous (no copy if pinned already)
         batch = self.normalizer(batch.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
         return self.backend(batch).float()
 

@@ -125,6 +125,11 @@ class ServeConfig(Settings):
         "JPEGs decoded at the smallest DCT scale still at least timm's resize size (PIL draft), resize and "
         "crop on uint8 tensors (torchvision v2); off: timm's PIL transform as is.",
     )
+    overlap: bool = setting(
+        False,
+        "A worker decodes its next batch on a second thread while its current batch is on the model, so the "
+        "GPU need not wait for the CPU (on a CPU the two share the worker's cores).",
+    )
     gpu_decode: bool = setting(
         False,
         "CUDA: a batch's JPEGs decoded on the GPU in one nvJPEG call and resized there; other images, and "

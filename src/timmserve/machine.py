@@ -159,5 +159,6 @@ def describe(config: ServeConfig) -> str:
         f"worker(s) per device × {config.torch_threads} thread(s), backend {config.backend} {config.precision}, "
         f"max batch {config.max_batch_size} (wait {config.batch_timeout:g} s), decode {config.decode_threads} "
         f"thread(s){', fast' if config.fast_decode else ''}{', JPEGs on the GPU' if config.gpu_decode else ''}"
+        f"{', decode overlapped' if config.overlap else ''}"
         f"{', inline when idle' if config.inline else ''}"
     )

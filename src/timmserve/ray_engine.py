@@ -17,8 +17,9 @@ What Ray does with each setting (the README's engine table says the same):
 - `/metrics`: the replicas record timmserve's metrics, under the same names, into one directory;
   a scrape merges them (prometheus-client's multi-process mode). Only on a local Ray instance:
   replicas on other machines cannot share a directory, so with `--ray-address` there is none.
-- `--api-servers` and `--inline`: refused (`check_supported`): Ray runs one HTTP proxy per node,
-  and every request goes from it to a replica.
+- `--api-servers`, `--inline` and `--overlap`: refused (`check_supported`): Ray runs one HTTP
+  proxy per node, every request goes from it to a replica, and its batcher runs one function per
+  batch.
 
 Drain (SIGTERM/SIGINT): Ray's proxy owns the port until Serve stops, so instead of closing it
 first, every replica answers new requests 503 with `Retry-After` while it finishes the ones it
@@ -62,6 +63,7 @@ DRAIN_ACTOR = "timmserve-drain"  # in the namespace APP_NAME
 UNSUPPORTED = {
     "api_servers": "Ray Serve runs one HTTP proxy per node",
     "inline": "a replica is its own process behind Ray's proxy, so every request makes that hop",
+    "overlap": "Ray Serve's batcher runs one function per batch",
 }
 
 

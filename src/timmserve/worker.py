@@ -10,9 +10,12 @@ RequestError` answered as is: the HTTP endpoints encode it (routes.py).
 from __future__ import annotations
 
 import logging
+import queue
 import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import litserve as ls
 import torch
@@ -24,9 +27,9 @@ from timmserve.batching import take_batch
 from timmserve.classifier import Classifier, Result, start_worker_classifier
 from timmserve.config import ServeConfig
 from timmserve.frontend import QueueFrontend
-from timmserve.inference import AdmittedImage, classify_admitted
+from timmserve.inference import AdmittedImage, StagedBatch, classify_admitted, decode_admitted, finish_admitted
 from timmserve.logs import configure_logging
-from timmserve.transport import Answer, Endpoints, Stopped, WorkerEnd
+from timmserve.transport import Answer, Delivery, Endpoints, Stopped, WorkerEnd
 
 logger = logging.getLogger(__name__)
 
@@ -68,22 +71,75 @@ class ClassifierAPI(ls.LitAPI):
         """One result per image of the batch (inference.classify_admitted)."""
         return classify_admitted(self.classifier, self.admission, batch)
 
+    def decode(self, batch: list[AdmittedImage]) -> StagedBatch:
+        """Stage 1 of `classify` (inference.decode_admitted)."""
+        return decode_admitted(self.classifier, self.admission, batch)
+
+    def finish(self, staged: StagedBatch) -> list[Result]:
+        """Stage 2 of `classify` (inference.finish_admitted)."""
+        return finish_admitted(self.classifier, staged)
+
 
 class WorkerLoop(LitLoop):
-    """The worker's loop, in place of LitServe's: batches from the transport, answers to it."""
+    """The worker's loop, in place of LitServe's: batches from the transport, answers to it. With
+    `--overlap`, the next batch is taken and decoded on a thread of its own while the current one
+    is on the model, at most one batch ahead: on a GPU the model need not wait for the CPU."""
 
     def __call__(self, lit_api: ClassifierAPI, device: str, worker_id: int, *_litserve_queues: object) -> None:
         # LitServe's request queue, response transport and status dict go unused (litserve_internals).
         end = WorkerEnd(lit_api.transport_endpoints, worker_id)
         try:
-            while True:
-                deliveries = take_batch(end.receive, lit_api.max_batch_size, lit_api.batch_timeout)
-                try:
-                    answers = [Answer(result, ok=True) for result in lit_api.classify([d.payload for d in deliveries])]
-                except Exception:  # a bug, logged by `classify`: each image of the batch gets a 500
-                    answers = [Answer(None, ok=False)] * len(deliveries)
-                end.answer(deliveries, answers)
+            if lit_api.config.overlap:
+                overlapped(lit_api, end)
+            else:
+                while True:
+                    deliveries = take_batch(end.receive, lit_api.max_batch_size, lit_api.batch_timeout)
+                    end.answer(deliveries, _answers(deliveries, lit_api.classify, _payloads(deliveries)))
         except Stopped:
             return
         finally:
             end.close()
+
+
+def overlapped(lit_api: ClassifierAPI, end: WorkerEnd) -> None:
+    """Serve until the stop message with the two stages on two threads: this one runs the model
+    (`finish`) and answers; the other takes the next batch and decodes it meanwhile. A batch
+    whose stage 1 raised (a bug, logged) is answered failed here, in order."""
+    staged_batches: queue.Queue[tuple[list[Delivery], StagedBatch | None] | None] = queue.Queue(maxsize=1)
+
+    def decode_ahead() -> None:
+        try:
+            while True:
+                deliveries = take_batch(end.receive, lit_api.max_batch_size, lit_api.batch_timeout)
+                try:
+                    staged: StagedBatch | None = lit_api.decode(_payloads(deliveries))
+                except Exception:
+                    staged = None
+                staged_batches.put((deliveries, staged))
+        except Stopped:
+            pass
+        finally:
+            staged_batches.put(None)  # the stop message, or a failure of the transport: stop too
+
+    decoder = threading.Thread(target=decode_ahead, name="timmserve-decode-ahead", daemon=True)
+    decoder.start()
+    while (item := staged_batches.get()) is not None:
+        deliveries, staged = item
+        end.answer(deliveries, _answers(deliveries, lit_api.finish, staged))
+    decoder.join()
+
+
+def _payloads(deliveries: list[Delivery]) -> list[AdmittedImage]:
+    return [delivery.payload for delivery in deliveries]
+
+
+def _answers(deliveries: list[Delivery], stage: Callable[[Any], list[Result]], argument: Any) -> list[Answer]:
+    """One Answer per delivery: each result of `stage(argument)`, or failed for all when the
+    argument is None (its stage 1 raised) or the stage raises (a bug, logged where it happened:
+    each image of the batch gets a 500)."""
+    if argument is not None:
+        try:
+            return [Answer(result, ok=True) for result in stage(argument)]
+        except Exception:
+            pass
+    return [Answer(None, ok=False)] * len(deliveries)
