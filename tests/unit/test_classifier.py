@@ -131,13 +131,20 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-def test_jpegs_decoded_on_the_device_agree_with_the_cpu_path(builtin, photos):
+NO_CUDA = "no CUDA device (scripts/gpu-run.sh runs it)"
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA))
+
+
+@pytest.mark.parametrize("decode_on", ["cpu", CUDA])
+def test_jpegs_decoded_on_the_device_agree_with_the_cpu_path(builtin, photos, decode_on):
     # Full decode + antialiased resize against the CPU's DCT-scaled decode: the accuracy guard's
-    # fp32 tolerance (top-1 equal, no probability moved by more than 0.05).
+    # fp32 tolerance (top-1 equal, no probability moved by more than 0.05). On CUDA: nvJPEG.
     requests = [ImageRequest(data, 5) for data in photos.values()]
     classifier = make_classifier(builtin, device_decode=True)
+    classifier.device_decoder.device = torch.device(decode_on)
     decoded = classifier.device_decoder([r.data for r in requests])
     assert all(isinstance(slot, torch.Tensor) and slot.shape == (3, 224, 224) for slot in decoded)
+    assert {slot.device.type for slot in decoded} == {decode_on}
     for on_cpu, on_device in zip(make_classifier(builtin).classify(requests), classifier.classify(requests)):
         assert on_device[0].label == on_cpu[0].label
         by_label = {p.label: p.probability for p in on_device}

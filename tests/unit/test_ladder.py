@@ -129,10 +129,11 @@ def test_right_after_default_the_reference_rung_serves_defaults_configuration():
     assert before_default.config("reference") == ladder.config("baseline").replace(max_batch_size=1)
 
 
-def test_gpu_decode_is_a_rung_on_cuda_only():
+def test_the_gpu_levers_are_rungs_on_cuda_only():
     on_cpu = Ladder(BenchConfig(serve=BASE), "cpu")
-    assert "gpu-decode" not in on_cpu.names and "CUDA" in on_cpu.skipped["gpu-decode"]
+    assert "CUDA" in on_cpu.skipped["gpu-decode"] and "GPU" in on_cpu.skipped["overlap"]
     on_cpu.decide_best({})
-    assert on_cpu.config("best").gpu_decode is False
+    assert not on_cpu.config("best").gpu_decode and not on_cpu.config("best").overlap
     on_gpu = Ladder(BenchConfig(serve=BASE), "cuda")
-    assert on_gpu.config("decode").gpu_decode is False and on_gpu.config("gpu-decode").gpu_decode is True
+    assert not on_gpu.config("decode").gpu_decode and on_gpu.config("gpu-decode").gpu_decode
+    assert not on_gpu.config("gpu-decode").overlap and on_gpu.config("overlap").overlap

@@ -18,6 +18,7 @@ LADDER: tuple[str, ...] = (
     "backend",
     "decode",
     "gpu-decode",
+    "overlap",
     "reference",
     "best",
     "default",

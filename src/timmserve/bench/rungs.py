@@ -33,6 +33,7 @@ RAY = "ray"
 REFERENCE = "reference"
 DEFAULT = "default"
 GPU_DECODE = "gpu-decode"
+OVERLAP = "overlap"
 # Not cumulative, never in best: another server for the rungs before them, or serve's own defaults.
 SIDE_RUNGS = (RAY, REFERENCE, DEFAULT)
 
@@ -58,6 +59,8 @@ def built_in_rungs(accelerator: str) -> dict[str, dict[str, Any]]:
         "decode": {"decode_threads": min(4, psutil.cpu_count() or 1), "fast_decode": True},
         # The batch's JPEGs decoded by nvJPEG on the GPU and resized there (CUDA only).
         GPU_DECODE: {"gpu_decode": True},
+        # Each worker decodes its next batch while the current one is on the GPU (CUDA only).
+        OVERLAP: {"overlap": True},
         # An engine, not an optimisation: the knobs of the rungs before it, served by Ray Serve, so
         # it compares with the LitServe rung right before it. Never part of `best`.
         RAY: {"engine": "ray"},
@@ -80,6 +83,7 @@ def unsupported_rungs(accelerator: str) -> dict[str, str]:
         )
     if accelerator != "cuda":
         unsupported[GPU_DECODE] = "JPEGs are decoded on the GPU only on a CUDA device (nvJPEG)"
+        unsupported[OVERLAP] = "a GPU lever: on a CPU the two stages share the worker's cores (--set overlap=true)"
     if importlib.util.find_spec("ray") is None:
         unsupported[RAY] = "Ray Serve is not installed (pip install 'timmserve[ray]')"
     return unsupported
