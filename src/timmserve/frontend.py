@@ -2,7 +2,7 @@
 
 `QueueFrontend.classify` is the `Classify` callable the HTTP endpoints (routes.py) are given. For
 each image it takes an admission slot (503 at once when the queue is full), then classifies a
-one-image request itself when nothing else is in flight and the server has an inline lane
+one-image JPEG request itself when nothing else is in flight and the server has an inline lane
 (inline.py), or else sends each image to the ready worker with the fewest images outstanding
 (transport.py), and awaits that image's answer,
 watching one end-to-end deadline (504), the client (gone: 499 in the log, noticed at once) and the
@@ -113,7 +113,11 @@ class QueueFrontend(LitSpec):
     def _inline_now(self, admitted: list[AdmittedImage]) -> bool:
         # Nothing to batch it with: one image, and no other admitted anywhere (every API server).
         return (
-            self.inline is not None and len(admitted) == 1 and self.admission.in_flight() == 1 and self.inline.claim()
+            self.inline is not None
+            and len(admitted) == 1
+            and self.inline.takes(admitted[0].image)
+            and self.admission.in_flight() == 1
+            and self.inline.claim()
         )
 
     async def _classify_inline(self, item: AdmittedImage, deadline: float) -> Result:

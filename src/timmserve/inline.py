@@ -1,5 +1,5 @@
 """An API server's inline lane: a one-image request classified in the API server's own process
-when nothing else is in flight, with no hop to an inference worker.
+when nothing else is in flight, with no hop to an inference worker. JPEGs only (`takes`).
 
 Why: on a CPU at low load there is nothing to batch, and the hop costs more than it can win back —
 a request that crosses to a worker and back wakes two processes and pays the transport both ways
@@ -30,9 +30,13 @@ from timmserve.admission import Admission
 from timmserve.classifier import Classifier, Result, start_worker_classifier
 from timmserve.config import ServeConfig
 from timmserve.errors import InternalError
-from timmserve.inference import AdmittedImage, classify_admitted
+from timmserve.inference import ABANDONED, AdmittedImage, classify_admitted
+from timmserve.payload import ImageRequest
 
 logger = logging.getLogger(__name__)
+
+# Every JPEG (JFIF, EXIF, Adobe, MPO …) starts with SOI and a marker's first byte.
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class InlineLane:
@@ -64,20 +68,27 @@ class InlineLane:
         self._busy = True
         return True
 
+    @staticmethod
+    def takes(image: ImageRequest) -> bool:
+        """Whether the lane may classify this image: a JPEG (by its first bytes), whose decode and
+        resize release the GIL, so the API server's event loop runs on meanwhile (measured here:
+        the event loop's longest wait while the lane read an 8000² or a 12-megapixel progressive
+        JPEG, 1–6 ms). Pillow's WebP decoder holds the GIL (147 ms in one stretch on a 64-megapixel
+        frame: the event loop frozen that long); any other format goes to a worker with it."""
+        return image.data.startswith(JPEG_MAGIC)
+
     async def classify(self, item: AdmittedImage) -> Result:
         """The image's result (after `claim`). Raises InternalError when the classifier raised (a
         bug: logged with the request id)."""
         assert self._busy and self._executor is not None, "claim the lane first"
-        future = self._executor.submit(classify_admitted, self._classifier, self.admission, [item])
+        future = self._executor.submit(self._classify, item)
         # Freed when the classification ends, not when its waiter gives up (deadline, client gone):
         # an image taken now would only queue behind it.
         future.add_done_callback(self._free)
-        metrics.worker_metrics().inline_images.inc()
         try:
-            [result] = await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(future)
         except Exception:
             raise InternalError("classifying this request in the API server failed; see the server log") from None
-        return result
 
     def close(self) -> None:
         """Wait for the image being classified, if any, and release the model (API server exit)."""
@@ -94,6 +105,12 @@ class InlineLane:
             logger.exception("the API server's inline lane could not load the model; its images go to the workers")
             return
         logger.info("inline lane ready", extra={"load_seconds": round(time.monotonic() - started, 2)})
+
+    def _classify(self, item: AdmittedImage) -> Result:
+        [result] = classify_admitted(self._classifier, self.admission, [item])
+        if result is not ABANDONED:  # counted as timmserve_images_total counts it
+            metrics.worker_metrics().inline_images.inc()
+        return result
 
     def _free(self, _: Future) -> None:
         self._busy = False

@@ -148,7 +148,7 @@ def worker_metrics() -> WorkerMetrics:
         ),
         inline_images=Counter(
             "timmserve_inline_images", "Images an API server classified in its own process, with no hop to a "
-            "worker (its inline lane: one-image requests while nothing else is in flight); counted in "
+            "worker (its inline lane: one-image JPEG requests while nothing else is in flight); counted in "
             "timmserve_images too.", registry=registry,
         ),
     )  # fmt: skip
