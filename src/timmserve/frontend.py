@@ -111,7 +111,7 @@ class QueueFrontend(LitSpec):
         return self._server is not None and litserve_internals.all_workers_ready(self._server.workers_setup_status)
 
     def _inline_now(self, admitted: list[AdmittedImage]) -> bool:
-        # Nothing to batch it with: one image, and no other admitted anywhere (every API server).
+        # Nothing to batch it with: one JPEG (InlineLane.takes), no other image admitted anywhere.
         return (
             self.inline is not None
             and len(admitted) == 1
