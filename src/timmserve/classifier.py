@@ -100,9 +100,12 @@ class Classifier:
         good = [i for i, item in enumerate(slots) if isinstance(item, torch.Tensor)]
         batch = None
         if good:
-            batch = torch.stack([slots[i].to(self.device) for i in good])
+            tensors = [slots[i] for i in good]
+            if any(tensor.device != tensors[0].device for tensor in tensors):  # some decoded on the GPU
+                tensors = [tensor.to(self.device) for tensor in tensors]
+            batch = torch.stack(tensors)
             if self.device.type == "cuda" and batch.device.type == "cpu":
-                batch = batch.pin_memory()  # so the copy in stage 2 is asynchronous
+                batch = batch.pin_memory()  # so the copy in stage 2 is one asynchronous copy
         return DecodedBatch(requests, slots, good, batch)
 
     def finish(self, decoded: DecodedBatch) -> list[Result]:
