@@ -129,6 +129,8 @@ def resolve_machine(config: ServeConfig) -> ServeConfig:
         resolved = resolved.replace(torch_threads=max(1, cores // resolved.worker_count()))
     if resolved.gpu_decode and accelerator != "cuda":
         raise ConfigError("--gpu-decode needs a CUDA device (nvJPEG); this config runs on the CPU")
+    if resolved.gpu_decode and not resolved.fast_decode:
+        raise ConfigError("--gpu-decode resizes with fast decode's tensor transform; drop --no-fast-decode")
     resolved = resolve_inline(resolved)
     if resolved.ray_max_replicas is not None and resolved.ray_max_replicas < resolved.worker_count():
         raise ConfigError(

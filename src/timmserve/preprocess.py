@@ -240,11 +240,12 @@ class DeviceJpegDecoder:
     torchvision deprecates its image decoders in 0.29 for TorchCodec's: where they move, this does."""
 
     def __init__(self, preprocessor: Preprocessor, device: torch.device) -> None:
-        """Raises ConfigError when the model's eval transform has no tensor twin (no fast decode)."""
+        """Raises ConfigError when the model's eval transform has no tensor twin (or fast decode is
+        off: machine.resolve_machine refuses that combination first)."""
         if preprocessor.tensor_transform is None:
             raise ConfigError(
                 "--gpu-decode resizes with fast decode's tensor transform, which this model's eval transform "
-                "has no twin of (or --no-fast-decode turned it off)"
+                "has no twin of"
             )
         self.preprocessor = preprocessor
         self.device = device

@@ -65,3 +65,12 @@ def test_gpu_decode_on_the_cpu_is_one_clear_error():
     with pytest.raises(ConfigError) as error:
         resolve_machine(ServeConfig(accelerator="cpu", gpu_decode=True))
     assert str(error.value) == "--gpu-decode needs a CUDA device (nvJPEG); this config runs on the CPU"
+
+
+def test_gpu_decode_without_fast_decode_is_one_clear_error_before_any_worker_starts(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    assert resolve_machine(ServeConfig(accelerator="cuda", gpu_decode=True)).gpu_decode
+    with pytest.raises(ConfigError) as error:
+        resolve_machine(ServeConfig(accelerator="cuda", gpu_decode=True, fast_decode=False))
+    assert str(error.value) == "--gpu-decode resizes with fast decode's tensor transform; drop --no-fast-decode"
