@@ -1,29 +1,32 @@
 #!/usr/bin/env bash
-# Issue 16's GPU run, on the lent machine, in under 10 minutes: first, here, scripts/gpu-wheels.sh;
-# then the device tool's `run` with command "bash scripts/gpu-run.sh", carry [".whl"], timeout_s
-# 600. Everything goes to $OUT (the tool brings back at most 8 files, two folders down): run.log,
-# and results.json + results.md (+ the throughput plot) of each bench run.
+# Issue 16's GPU run on the lent machine, in two calls of the device tool that follow each other
+# while the machine is warm (each under 10 minutes): first, here, scripts/gpu-wheels.sh; then `run`
+# with command "bash scripts/gpu-run.sh STAGE", carry [".whl"], for STAGE `mambaout` (the CUDA
+# tests, then mambaout_base's ladder of scripts/gpu-bench.toml) and then `resnet50` (the second
+# point: batched against both levers). Each stage writes run.log and its bench's results.json and
+# results.md to $OUT (the plots are re-made here with `timmserve report`: 8 files come back).
 set -uo pipefail
+STAGE=${1:?usage: gpu-run.sh mambaout|resnet50}
 OUT=${OUT:-/tmp/gpu-run}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/run.log") 2>&1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="/tmp/site:$PWD/src:$PWD" PYTHONUNBUFFERED=1
+date -u
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-python3 -c "import torch, torchvision, timm; print(torch.__version__, torchvision.__version__, timm.__version__, torch.cuda.get_device_name())"
-
-# 1. What touches CUDA that CI cannot run: nvJPEG's decode against the CPU path (under a minute).
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_classifier.py -k "device"
-
-# 2. mambaout_base fp16, each lever on top of the rung before it (about 6 minutes): decode (4 CPU
-#    threads, fast decode), gpu-decode (+ nvJPEG), overlap (+ the next batch decoded meanwhile).
-BENCH=(python3 -m timmserve bench --random-weights --rounds 1 --duration 4 --warmup 1 --client-processes 2 --no-progress)
-timeout 420 "${BENCH[@]}" --model mambaout_base --ladder baseline,decode,gpu-decode,overlap \
-    --concurrency 1,8,32,64 --out "$OUT/mambaout_base"
-
-# 3. resnet50, the second point: best (whatever time is left).
-timeout 100 "${BENCH[@]}" --model resnet50 --ladder best --concurrency 1,8,32,64 --out "$OUT/resnet50"
-
-# Within what comes back: drop the plots but one.
-find "$OUT" -name '*.png' ! -path '*/mambaout_base/throughput.png' -delete
+python3 -c "import torch, torchvision, timm, litserve; print(torch.__version__, torchvision.__version__, timm.__version__, litserve.__version__, torch.cuda.get_device_name())" || exit 1
+BENCH=(python3 -m timmserve bench --config scripts/gpu-bench.toml --random-weights --no-progress)
+case $STAGE in
+mambaout)
+    # nvJPEG's decode against the CPU path: what touches CUDA that CI cannot run.
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_classifier.py -k "device"
+    timeout 480 "${BENCH[@]}" --model mambaout_base --out "$OUT/mambaout_base"
+    ;;
+resnet50)
+    timeout 420 "${BENCH[@]}" --model resnet50 --ladder batched,levers --out "$OUT/resnet50"
+    ;;
+*) echo "unknown stage $STAGE"; exit 2 ;;
+esac
+find "$OUT" -name '*.png' -delete
+date -u
 ls -R "$OUT"

@@ -165,6 +165,29 @@ def test_a_ladder_run_beside_a_busy_process_is_marked_foreign_load():
     assert "(foreign load) |" in markdown  # the ceiling's row
 
 
+def test_a_rung_that_fails_is_reported_and_the_ladder_goes_on(tmp_path):
+    # A rung that cannot start (here its model does not exist; on a GPU, a CUDA error) must not
+    # lose the other rungs' measurements, nor be retried in the next round.
+    config = BenchConfig(
+        serve=TINY,
+        ladder=("baseline", "broken"),
+        rung_overrides={"broken": {"model": "no_such_model"}},
+        rounds=2,
+        concurrency=(1,),
+        duration=0.5,
+        warmup=0.1,
+        ceiling_duration=0.1,
+        ceiling_batch_sizes=(1,),
+    )
+    log: list[str] = []
+    results = run_bench(config, progress=False, log=log.append)
+    assert [run["name"] for run in results["runs"]] == ["baseline"]
+    assert results["runs"][0]["rounds"] == 2 and results["runs"][0]["levels"][0]["ok"] > 0
+    [reason] = results["bench"]["ladder_notes"]["failed"].values()
+    assert "no_such_model" in reason and sum("rung broken failed" in line for line in log) == 1
+    assert f"- Rung broken failed, not measured: {reason}" in to_markdown(results, [])
+
+
 def test_the_reference_server_answers_as_the_served_rungs_do(photos):
     # The built-in model (real weights), so that the cat photo has a meaningful top-1; the served
     # rungs' workers answer with this same classifier (the contract suite checks that path), built

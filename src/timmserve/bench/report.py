@@ -200,6 +200,7 @@ def verdict(before: dict[str, Any], after: dict[str, Any]) -> str:
 def _best_section(results: dict[str, Any]) -> list[str]:
     notes = results["bench"].get("ladder_notes") or {}
     lines = [f"- Skipped rung {name}: {reason}." for name, reason in notes.get("skipped", {}).items()]
+    lines += [f"- Rung {name} failed, not measured: {reason}" for name, reason in notes.get("failed", {}).items()]
     if "from" in notes:
         lines.append(
             f"- best = baseline + the knobs of: {', '.join(notes['from']) or 'nothing'}. Left out (measured here, "

@@ -70,28 +70,36 @@ class Runner:
 
     def run_ladder(self) -> tuple[list[Measured], dict[str, Any]]:
         """Every rung of the ladder, `config.rounds` times; and the ladder's notes for results.json
-        (rungs skipped with the reason; what `best` combines and left out). Raises ConfigError for
-        an unknown rung, ModelLoadError for a rung whose model or backend does not load here, and
-        TimmServeError when a rung's server does not become healthy."""
+        (rungs skipped or failed, with the reason; what `best` combines and left out). A rung that
+        fails (its server does not become healthy, its backend does not load, a device error) is
+        logged and left out of the rounds after, so one rung cannot lose the others' measurements.
+        Raises ConfigError for an unknown rung."""
         ladder = Ladder(self.config, self.accelerator)
         measured: dict[str, list[dict[str, Any]]] = {name: [] for name in ladder.names}
         for name, reason in ladder.skipped.items():
             self.log(f"skipping rung {name}: {reason}")
         self._resolve_auto_backend(ladder)
+        failed: dict[str, str] = {}  # rung → why it failed; the ladder goes on without it
         for round_index in range(self.config.rounds):
             order = ladder.names if round_index % 2 == 0 else tuple(reversed(ladder.names))
-            for name in order:
+            for name in (n for n in order if n not in failed):
                 if name == BEST and ladder.best_knobs is None:
                     ladder.decide_best({n: _peak(runs[0]["levels"]) for n, runs in measured.items() if runs})
                     self.log(f"best = baseline + {', '.join(ladder.best_from) or 'nothing'}")
                     if ladder.best_knobs["backend"] == "auto":  # the backend rung was not measured
                         ladder.best_knobs["backend"] = self._pick_backend(BEST, ladder.config(BEST))
                 self.log(f"round {round_index + 1}/{self.config.rounds}: {name}")
-                measured[name].append(self._run_rung(name, ladder.config(name), round_index))
+                try:
+                    measured[name].append(self._run_rung(name, ladder.config(name), round_index))
+                except Exception as exc:  # noqa: BLE001 (one rung's failure, e.g. a CUDA error, must not lose the others)
+                    failed[name] = f"{type(exc).__name__}: {exc}"
+                    self.log(f"rung {name} failed, the ladder goes on without it: {failed[name]}")
         runs = [
-            Measured(name, _reported_config(name, ladder.config(name)), rounds) for name, rounds in measured.items()
+            Measured(name, _reported_config(name, ladder.config(name)), rounds)
+            for name, rounds in measured.items()
+            if name not in failed
         ]
-        notes = {"skipped": ladder.skipped}
+        notes = {"skipped": ladder.skipped, "failed": failed}
         if BEST in ladder.names:
             notes.update({"from": ladder.best_from, "left_out": ladder.best_left_out})
         return runs, notes
