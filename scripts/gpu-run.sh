@@ -19,8 +19,8 @@ BENCH=(python3 -m timmserve bench --config scripts/gpu-bench.toml --random-weigh
 case $STAGE in
 mambaout)
     # nvJPEG's decode against the CPU path: what touches CUDA that CI cannot run.
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_classifier.py -k "device"
-    timeout 480 "${BENCH[@]}" --model mambaout_base --out "$OUT/mambaout_base"
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/test_classifier.py -k "device"
+    timeout 470 "${BENCH[@]}" --model mambaout_base --out "$OUT/mambaout_base"
     ;;
 resnet50)
     timeout 420 "${BENCH[@]}" --model resnet50 --ladder batched,levers --out "$OUT/resnet50"
