@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Issue 16's GPU run on the lent machine, in two calls of the device tool that follow each other
-# while the machine is warm (each under 10 minutes): first, here, scripts/gpu-wheels.sh; then `run`
-# with command "bash scripts/gpu-run.sh STAGE", carry [".whl"], for STAGE `mambaout` (the CUDA
-# tests, then mambaout_base's ladder of scripts/gpu-bench.toml) and then `resnet50` (the second
-# point: batched against both levers). Each stage writes run.log and its bench's results.json and
-# results.md to $OUT (the plots are re-made here with `timmserve report`: 8 files come back).
+# Issue 16's GPU run on the lent machine, as three calls of the device tool that follow each other
+# while the machine is warm (each under 10 minutes; 15 device minutes in all, the start included):
+# first, here, scripts/gpu-wheels.sh; then `run` with command "bash scripts/gpu-run.sh STAGE",
+# carry [".whl"], for STAGE `mambaout` (the CUDA tests, then mambaout_base's ladder of
+# scripts/gpu-bench.toml, 8 minutes), `resnet50` (the second point: batched against gpu-decode,
+# 3 minutes) and `front-end` (scripts/gpu-front-end.toml: 4 API servers, 2 minutes). Each writes
+# run.log and its bench's results.json and results.md to $OUT; the plots are re-made here with
+# `timmserve report` (at most 8 files come back).
 set -uo pipefail
-STAGE=${1:?usage: gpu-run.sh mambaout|resnet50}
+STAGE=${1:?usage: gpu-run.sh mambaout|resnet50|front-end}
 OUT=${OUT:-/tmp/gpu-run}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/run.log") 2>&1
@@ -23,7 +25,11 @@ mambaout)
     timeout 470 "${BENCH[@]}" --model mambaout_base --out "$OUT/mambaout_base"
     ;;
 resnet50)
-    timeout 420 "${BENCH[@]}" --model resnet50 --ladder batched,levers --out "$OUT/resnet50"
+    timeout 290 "${BENCH[@]}" --model resnet50 --ladder batched,gpu-decode --out "$OUT/resnet50"
+    ;;
+front-end)
+    timeout 140 python3 -m timmserve bench --config scripts/gpu-front-end.toml --random-weights --no-progress \
+        --model mambaout_base --out "$OUT/front"
     ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

@@ -196,9 +196,20 @@ def build_classifier(config: ServeConfig, labels: Sequence[str], device: torch.d
         device=device,
         channels_last=config.channels_last,
         decode_threads=config.decode_threads,
-        device_decoder=DeviceJpegDecoder(preprocessor, device) if config.gpu_decode else None,
+        device_decoder=_device_decoder(config, preprocessor, device),
     )
     return classifier, loaded.info
+
+
+def _device_decoder(config: ServeConfig, preprocessor: Preprocessor, device: torch.device) -> DeviceJpegDecoder | None:
+    """With `gpu_decode`, the device's JPEG decoder; none (the CPU path, logged) where the model's
+    eval transform has no tensor twin to resize with on the GPU, as fast decode keeps PIL there."""
+    if not config.gpu_decode:
+        return None
+    if preprocessor.tensor_transform is None:
+        logger.warning("--gpu-decode: this model's eval transform has no tensor twin; JPEGs are decoded on the CPU")
+        return None
+    return DeviceJpegDecoder(preprocessor, device)
 
 
 def backend_spec(config: ServeConfig, info: ModelInfo, device: torch.device) -> BackendSpec:

@@ -130,10 +130,11 @@ class ServeConfig(Settings):
         "A worker decodes its next batch on a second thread while its current batch is on the model, so the "
         "GPU need not wait for the CPU (on a CPU the two share the worker's cores).",
     )
-    gpu_decode: bool = setting(
-        False,
+    gpu_decode: bool | None = setting(
+        None,
         "CUDA: a batch's JPEGs decoded on the GPU in one nvJPEG call and resized there; other images, and "
         "JPEGs nvJPEG would not decode as the CPU does (CMYK, EXIF-rotated, multi-picture), on the CPU.",
+        default_text="on with CUDA and fast decode",
     )
 
     # --- batching ---

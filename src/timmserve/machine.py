@@ -127,17 +127,26 @@ def resolve_machine(config: ServeConfig) -> ServeConfig:
     resolved = config.replace(accelerator=accelerator, devices=devices, **unset)
     if resolved.torch_threads is None:
         resolved = resolved.replace(torch_threads=max(1, cores // resolved.worker_count()))
-    if resolved.gpu_decode and accelerator != "cuda":
-        raise ConfigError("--gpu-decode needs a CUDA device (nvJPEG); this config runs on the CPU")
-    if resolved.gpu_decode and not resolved.fast_decode:
-        raise ConfigError("--gpu-decode resizes with fast decode's tensor transform; drop --no-fast-decode")
-    resolved = resolve_inline(resolved)
+    resolved = resolve_inline(resolve_gpu_decode(resolved))
     if resolved.ray_max_replicas is not None and resolved.ray_max_replicas < resolved.worker_count():
         raise ConfigError(
             f"--ray-max-replicas {resolved.ray_max_replicas} is below the starting replica count "
             f"{resolved.worker_count()} (workers per device × devices)"
         )
     return resolved
+
+
+def resolve_gpu_decode(config: ServeConfig) -> ServeConfig:
+    """`gpu_decode` on where it can be, unless the config says otherwise: CUDA with fast decode (its
+    resize is fast decode's tensor transform). Measured on an H200 (README "On a GPU"): 1.2–2.3×
+    the requests per second of the CPU's decode on 4 threads, at every concurrency, for both models.
+    Raises ConfigError when asked for where it cannot be."""
+    if config.gpu_decode and config.accelerator != "cuda":
+        raise ConfigError("--gpu-decode needs a CUDA device (nvJPEG); this config runs on the CPU")
+    if config.gpu_decode and not config.fast_decode:
+        raise ConfigError("--gpu-decode resizes with fast decode's tensor transform; drop --no-fast-decode")
+    possible = config.accelerator == "cuda" and config.fast_decode
+    return config.replace(gpu_decode=possible if config.gpu_decode is None else config.gpu_decode)
 
 
 def resolve_inline(config: ServeConfig) -> ServeConfig:

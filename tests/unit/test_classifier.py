@@ -5,16 +5,17 @@ import io
 import pytest
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from tests.conftest import CAT_LABELS
 from timmserve.backends import create_backend
-from timmserve.classifier import Classifier, backend_spec, build_classifier, warm_up_batch_sizes
+from timmserve.classifier import Classifier, _device_decoder, backend_spec, build_classifier, warm_up_batch_sizes
 from timmserve.config import ServeConfig
 from timmserve.errors import InvalidImageError, ModelLoadError
 from timmserve.labels import load_labels
 from timmserve.model import load_model
 from timmserve.payload import ImageRequest
-from timmserve.preprocess import DeviceJpegDecoder, Preprocessor
+from timmserve.preprocess import DeviceJpegDecoder, Preprocessor, same_size_groups
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +151,43 @@ def test_jpegs_decoded_on_the_device_agree_with_the_cpu_path(builtin, photos, de
         by_label = {p.label: p.probability for p in on_device}
         for p in on_cpu[:2]:
             assert by_label.get(p.label, 0.0) == pytest.approx(p.probability, abs=0.05)
+
+
+def test_the_device_decoder_resizes_same_sized_images_in_one_call(builtin, photos):
+    # One resize call per photo size, not per image, with the same pixels as one at a time.
+    classifier = make_classifier(builtin, device_decode=True)
+    transform = classifier.preprocessor.tensor_transform
+    calls: list[tuple[int, ...]] = []
+
+    def spy(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(batch.shape))
+        return transform(batch)
+
+    classifier.preprocessor.tensor_transform = spy
+    images = [photos["cat"], photos["espresso"], photos["cat"], photos["cat"]]
+    decoded = classifier.device_decoder(images)
+    assert [shape[0] for shape in calls] == [3, 1]
+    for data, pixels in zip(images, decoded):
+        alone = transform(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB))
+        assert torch.equal(pixels, alone)
+
+
+def test_gpu_decode_for_a_model_without_a_tensor_resize_keeps_the_cpu_path(builtin, caplog):
+    # On by default with CUDA: a model whose eval transform has no v2 twin (crop mode border) must
+    # still start, its JPEGs decoded on the CPU as fast decode keeps PIL there.
+    border = Preprocessor({**builtin.info.data_config, "crop_mode": "border"}, max_pixels=2**26)
+    assert _device_decoder(ServeConfig(gpu_decode=True), border, torch.device("cpu")) is None
+    assert "no tensor twin" in caplog.text
+    center = Preprocessor(builtin.info.data_config, max_pixels=2**26)
+    assert isinstance(_device_decoder(ServeConfig(gpu_decode=True), center, torch.device("cpu")), DeviceJpegDecoder)
+    assert _device_decoder(ServeConfig(gpu_decode=False), center, torch.device("cpu")) is None
+
+
+def test_same_size_groups_keep_order_and_cap_pixels():
+    images = [torch.empty(3, h, w, dtype=torch.uint8) for h, w in [(4, 5), (2, 2), (4, 5), (4, 5), (2, 2)]]
+    assert same_size_groups(images, max_pixels=100) == [[0, 2, 3], [1, 4]]
+    assert same_size_groups(images, max_pixels=40) == [[0, 2], [3], [1, 4]]
+    assert same_size_groups(images, max_pixels=1) == [[0], [2], [3], [1], [4]]  # one image at least
 
 
 def test_the_device_decoder_leaves_what_it_would_decode_differently_to_the_cpu_path(builtin, photos):

@@ -135,5 +135,6 @@ def test_the_gpu_levers_are_rungs_on_cuda_only():
     on_cpu.decide_best({})
     assert not on_cpu.config("best").gpu_decode and not on_cpu.config("best").overlap
     on_gpu = Ladder(BenchConfig(serve=BASE), "cuda")
-    assert not on_gpu.config("decode").gpu_decode and on_gpu.config("gpu-decode").gpu_decode
+    # False, not None: None is on with CUDA and fast decode (machine.resolve_gpu_decode).
+    assert on_gpu.config("decode").gpu_decode is False and on_gpu.config("gpu-decode").gpu_decode
     assert not on_gpu.config("gpu-decode").overlap and on_gpu.config("overlap").overlap

@@ -50,6 +50,7 @@ def built_in_rungs(accelerator: str) -> dict[str, dict[str, Any]]:
             "backend": "eager",
             "decode_threads": 1,
             "fast_decode": False,
+            "gpu_decode": False,
         },
         "batching": {"max_batch_size": 64, "batch_timeout": 0.0},
         "workers": {"workers_per_device": 2},
