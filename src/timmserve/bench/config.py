@@ -18,7 +18,6 @@ LADDER: tuple[str, ...] = (
     "backend",
     "decode",
     "gpu-decode",
-    "overlap",
     "reference",
     "best",
     "default",

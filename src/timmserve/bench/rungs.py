@@ -33,7 +33,6 @@ RAY = "ray"
 REFERENCE = "reference"
 DEFAULT = "default"
 GPU_DECODE = "gpu-decode"
-OVERLAP = "overlap"
 # Not cumulative, never in best: another server for the rungs before them, or serve's own defaults.
 SIDE_RUNGS = (RAY, REFERENCE, DEFAULT)
 
@@ -58,10 +57,10 @@ def built_in_rungs(accelerator: str) -> dict[str, dict[str, Any]]:
         # Resolved once per run, before the first rung, by measuring the installed backends here.
         "backend": {"backend": "auto"},
         "decode": {"decode_threads": min(4, psutil.cpu_count() or 1), "fast_decode": True},
-        # The batch's JPEGs decoded by nvJPEG on the GPU and resized there (CUDA only).
+        # The batch's JPEGs decoded by nvJPEG on the GPU and resized there (CUDA only). Not a rung:
+        # --overlap, measured slower on an H200 at every level (README "On a GPU"); a config file's
+        # [rungs.NAME] table measures it.
         GPU_DECODE: {"gpu_decode": True},
-        # Each worker decodes its next batch while the current one is on the GPU (CUDA only).
-        OVERLAP: {"overlap": True},
         # An engine, not an optimisation: the knobs of the rungs before it, served by Ray Serve, so
         # it compares with the LitServe rung right before it. Never part of `best`.
         RAY: {"engine": "ray"},
@@ -84,7 +83,6 @@ def unsupported_rungs(accelerator: str) -> dict[str, str]:
         )
     if accelerator != "cuda":
         unsupported[GPU_DECODE] = "JPEGs are decoded on the GPU only on a CUDA device (nvJPEG)"
-        unsupported[OVERLAP] = "a GPU lever: on a CPU the two stages share the worker's cores (--set overlap=true)"
     if importlib.util.find_spec("ray") is None:
         unsupported[RAY] = "Ray Serve is not installed (pip install 'timmserve[ray]')"
     return unsupported
