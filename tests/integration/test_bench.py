@@ -165,7 +165,7 @@ def test_a_ladder_run_beside_a_busy_process_is_marked_foreign_load():
     assert "(foreign load) |" in markdown  # the ceiling's row
 
 
-def test_a_rung_that_fails_is_reported_and_the_ladder_goes_on(tmp_path):
+def test_a_rung_that_fails_is_reported_and_the_ladder_goes_on():
     # A rung that cannot start (here its model does not exist; on a GPU, a CUDA error) must not
     # lose the other rungs' measurements, nor be retried in the next round.
     config = BenchConfig(
