@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Here, before a GPU run: the wheels the GPU machine's image lacks, and timm at our version (its python3 is 3.12 with torch,
-# torchvision, timm, numpy, pillow, aiohttp, psutil, matplotlib, prometheus-client, nvidia-ml-py;
-# see the device tool's KINDS.md), at the versions of this checkout's .venv, into .whl/ (ignored by
-# git, carried by the run: `carry: [".whl"]`). Then run scripts/gpu-run.sh there.
+# Here, before a GPU run: the wheels the GPU machine's image lacks, and timm at our version (its
+# python3 is 3.12 with torch, torchvision, timm, numpy, pillow, aiohttp, psutil, matplotlib,
+# prometheus-client, nvidia-ml-py; see the device tool's KINDS.md), at the versions of this
+# checkout's .venv, into .whl/ (ignored by git, carried by the run: `carry: [".whl"]`). Then run
+# scripts/gpu-run.sh there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
