@@ -103,13 +103,17 @@ class WorkerLoop(LitLoop):
 
 def overlapped(lit_api: ClassifierAPI, end: WorkerEnd) -> None:
     """Serve until the stop message with the two stages on two threads: this one runs the model
-    (`finish`) and answers; the other takes the next batch and decodes it meanwhile. A batch
-    whose stage 1 raised (a bug, logged) is answered failed here, in order."""
-    staged_batches: queue.Queue[tuple[list[Delivery], StagedBatch | None] | None] = queue.Queue(maxsize=1)
+    (`finish`) and answers; the other takes the next batch and decodes it meanwhile. At most one
+    batch is ahead of the model: the next is taken only when the model starts on the one decoded
+    (a batch taken early holds only what had arrived by then). A batch whose stage 1 raised (a
+    bug, logged) is answered failed here, in order."""
+    staged_batches: queue.Queue[tuple[list[Delivery], StagedBatch | None] | None] = queue.Queue()
+    room_ahead = threading.Semaphore(1)  # released when the model takes the batch decoded ahead
 
     def decode_ahead() -> None:
         try:
             while True:
+                room_ahead.acquire()
                 deliveries = take_batch(end.receive, lit_api.max_batch_size, lit_api.batch_timeout)
                 try:
                     staged: StagedBatch | None = lit_api.decode(_payloads(deliveries))
@@ -124,6 +128,7 @@ def overlapped(lit_api: ClassifierAPI, end: WorkerEnd) -> None:
     decoder = threading.Thread(target=decode_ahead, name="timmserve-decode-ahead", daemon=True)
     decoder.start()
     while (item := staged_batches.get()) is not None:
+        room_ahead.release()
         deliveries, staged = item
         end.answer(deliveries, _answers(deliveries, lit_api.finish, staged))
     decoder.join()

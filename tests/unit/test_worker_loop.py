@@ -24,12 +24,14 @@ class FakeEnd:
         self.batches = [[Delivery(0, uid, payload) for uid, payload in enumerate(batch)] for batch in batches]
         self.current: list[Delivery] = []
         self.answered: list[tuple[list[str], list[Answer]]] = []
+        self.taken: list[float] = []  # when each batch was taken
 
     def receive(self, timeout: float | None) -> Delivery | None:
         if timeout is None:  # waiting for a batch's first image
             if not self.batches:
                 raise Stopped()
             self.current = self.batches.pop(0)
+            self.taken.append(time.monotonic())
         return self.current.pop(0) if self.current else None
 
     def answer(self, deliveries: list[Delivery], answers: list[Answer]) -> None:
@@ -68,6 +70,17 @@ def test_the_next_batch_is_decoded_while_the_current_one_is_on_the_model():
     for (decode_started, _), (_, finish_ended) in zip(api.decoded[1:], api.finished):
         assert decode_started < finish_ended
     assert "timmserve-decode-ahead" not in [thread.name for thread in threading.enumerate()]
+
+
+def test_the_worker_runs_at_most_one_batch_ahead_of_the_model():
+    # Taking a batch early locks the images that arrived so far into it: with one batch on the
+    # model and one decoded and waiting, the next is taken only when the model starts on the
+    # waiting one (so it gathers what arrives during a whole model call).
+    end, api = FakeEnd([["a"], ["b"], ["c"], ["d"]]), FakeAPI()
+    overlapped(api, end)
+    assert len(end.answered) == 4
+    for taken, (_, finish_ended) in zip(end.taken[2:], api.finished):
+        assert taken >= finish_ended
 
 
 def test_a_batch_whose_decode_raised_is_answered_failed_and_the_loop_goes_on():
