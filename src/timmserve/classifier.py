@@ -140,11 +140,14 @@ class Classifier:
         return self.backend(batch).float()
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
-        """Run the model once per batch size so the first real request does not pay for kernel
-        selection and allocator growth."""
+        """Run the model once per batch size, then the reference photos through the whole path
+        once, so the first real request pays neither kernel selection and allocator growth nor the
+        decode path's one-off set-up (the decode threads; with GPU decode, nvJPEG's decoder, which
+        torchvision creates on its first call)."""
         channels, height, width = self.preprocessor.data_config["input_size"]
         for batch_size in batch_sizes:
             self.probabilities(torch.zeros(batch_size, channels, height, width, dtype=torch.uint8))
+        self.classify([ImageRequest(data, 1) for data in reference_photos().values()])
 
     def close(self) -> None:
         """Stop the decode threads (the bench builds and drops classifiers; a worker keeps its own)."""

@@ -105,12 +105,16 @@ def test_bf16_stays_close_to_fp32_on_real_photos(builtin, photos):
             assert by_label.get(p.label, 0.0) == pytest.approx(p.probability, abs=0.05)
 
 
-def test_warm_up_runs_the_model_once_per_batch_size_asked_for(builtin):
-    classifier = make_classifier(builtin)
+def test_warm_up_runs_the_model_per_batch_size_then_the_photos_through_the_decode_path(builtin, photos):
+    classifier = make_classifier(builtin, device_decode=True)
     batches = spy_on_backend(classifier)
+    decoder = classifier.device_decoder
+    decoded: list[int] = []
+    classifier.device_decoder = lambda images: decoded.append(len(images)) or decoder(images)
     classifier.warm_up([1, 3])
     input_size = tuple(builtin.info.data_config["input_size"])
-    assert batches == [(1, *input_size), (3, *input_size)]
+    assert batches == [(1, *input_size), (3, *input_size), (len(photos), *input_size)]
+    assert decoded == [len(photos)]  # nvJPEG's decoder is created on its first call, not a request's
 
 
 def test_warm_up_covers_every_batch_size_the_server_forms_on_cuda(builtin, tmp_path):
