@@ -58,7 +58,6 @@ _SUPPORTED_NAMES = "JPEG, PNG, WebP, BMP or GIF"
 # Baseline JPEGs have 1 scan per component; libjpeg's standard progressive script has 10; encoders
 # that tune scans (mozjpeg) stay far below this. Each scan costs a pass over the whole image.
 MAX_JPEG_SCANS = 64
-_JPEG_START_OF_SCAN = b"\xff\xda"  # never inside entropy-coded data, where 0xFF is stuffed as 0xFF00
 # Modes whose pixels Pillow's reduce can average (palette indices cannot be averaged).
 _REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F", "RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -89,10 +88,21 @@ def open_checked(data: bytes, *, max_pixels: int, max_aspect_ratio: float = floa
             f"the image is {width}x{height}, an aspect ratio over the limit of {max_aspect_ratio:g}:1; crop it"
         )
     if family == "JPEG":
-        scans = data.count(_JPEG_START_OF_SCAN)
+        scans = jpeg_scan_count(data)
         if scans > MAX_JPEG_SCANS:
             raise InvalidImageError(f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}")
     return image, family
+
+
+def jpeg_scan_count(data: bytes) -> int:
+    """How many start-of-scan markers (0xFF 0xDA) a JPEG's bytes hold: entropy-coded data never
+    does, as it stuffs 0xFF as 0xFF00. Two vectorised comparisons (transient memory: twice the
+    file), against 31 µs for the cat photo's 31 KB with `bytes.count`, measured here: the header
+    check is most of what the CPU spends per image when the GPU decodes."""
+    array = np.frombuffer(data, dtype=np.uint8)
+    marker = array[:-1] == 0xFF
+    np.logical_and(marker, array[1:] == 0xDA, out=marker)
+    return int(np.count_nonzero(marker))
 
 
 def decode_image(

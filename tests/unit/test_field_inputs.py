@@ -19,7 +19,7 @@ from timmserve import oip
 from timmserve.classifier import Classifier
 from timmserve.errors import InternalError, InvalidImageError, InvalidRequestError, UnsupportedMediaError
 from timmserve.payload import ImageRequest
-from timmserve.preprocess import FORMAT_FAMILIES, MAX_JPEG_SCANS, Preprocessor, decode_image
+from timmserve.preprocess import FORMAT_FAMILIES, MAX_JPEG_SCANS, Preprocessor, decode_image, jpeg_scan_count
 
 DATA_CONFIG = {
     "input_size": (3, 224, 224),
@@ -53,6 +53,13 @@ def test_a_jpeg_with_too_many_scans_is_refused_before_decoding(photos):
     bomb = progressive[:last_scan] + progressive[last_scan:-2] * MAX_JPEG_SCANS + b"\xff\xd9"
     with pytest.raises(InvalidImageError, match=rf"scans; the limit is {MAX_JPEG_SCANS}"):
         decode_image(bomb, **LIMITS)
+
+
+def test_the_scan_count_counts_every_start_of_scan_marker(photos):
+    progressive = encode(Image.open(io.BytesIO(photos["cat"])), "JPEG", progressive=True)
+    files = [*photos.values(), progressive, b"\xff\xda", b"\xda\xff", b"\xff", b"\xff\xff\xda\xff\xda\xff"]
+    assert [jpeg_scan_count(data) for data in files] == [data.count(b"\xff\xda") for data in files]
+    assert jpeg_scan_count(progressive) == 10 and jpeg_scan_count(files[-1]) == 2
 
 
 def test_formats_are_accepted_by_family_mpo_is_a_jpeg(photos):
