@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -58,6 +59,12 @@ _SUPPORTED_NAMES = "JPEG, PNG, WebP, BMP or GIF"
 # Baseline JPEGs have 1 scan per component; libjpeg's standard progressive script has 10; encoders
 # that tune scans (mozjpeg) stay far below this. Each scan costs a pass over the whole image.
 MAX_JPEG_SCANS = 64
+# The configured pixel limit (open_checked, from the header) replaces Pillow's own, a process-wide
+# setting: Pillow refused any image over 179 MP with its own message, whatever the configured limit.
+Image.MAX_IMAGE_PIXELS = None
+# A marker: 0xFF, then neither 0x00 (a 0xFF byte of entropy-coded data, stuffed), nor a restart
+# marker (0xD0-0xD7, part of a scan's data), nor 0xFF (fill before a marker).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 # Modes whose pixels Pillow's reduce can average (palette indices cannot be averaged).
 _REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F", "RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -88,21 +95,31 @@ def open_checked(data: bytes, *, max_pixels: int, max_aspect_ratio: float = floa
             f"the image is {width}x{height}, an aspect ratio over the limit of {max_aspect_ratio:g}:1; crop it"
         )
     if family == "JPEG":
-        scans = jpeg_scan_count(data)
-        if scans > MAX_JPEG_SCANS:
-            raise InvalidImageError(f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}")
+        if jpeg_scan_count(data) > MAX_JPEG_SCANS:
+            raise InvalidImageError(f"the JPEG has more than {MAX_JPEG_SCANS} scans, the limit")
     return image, family
 
 
-def jpeg_scan_count(data: bytes) -> int:
-    """How many start-of-scan markers (0xFF 0xDA) a JPEG's bytes hold: entropy-coded data never
-    does, as it stuffs 0xFF as 0xFF00. Two vectorised comparisons (transient memory: twice the
-    file), against 31 µs for the cat photo's 31 KB with `bytes.count`, measured here: the header
-    check is most of what the CPU spends per image when the GPU decodes."""
-    array = np.frombuffer(data, dtype=np.uint8)
-    marker = array[:-1] == 0xFF
-    np.logical_and(marker, array[1:] == 0xDA, out=marker)
-    return int(np.count_nonzero(marker))
+def jpeg_scan_count(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
+    """The scans (start-of-scan markers) of a JPEG's first picture, counted up to `stop_after` + 1.
+    It goes from marker to marker as a decoder does: over each segment by its length (so bytes in
+    an APPn payload, an EXIF thumbnail or an MPO index, are not markers), over a scan's
+    entropy-coded data to the next marker, over garbage between segments; it stops at the first
+    end of image (an MPO's later pictures are never decoded). 14 µs for the cat photo here, against
+    31 µs for counting 0xFF 0xDA in the whole file, which also counted those other bytes."""
+    scans, position = 0, 2  # after the start of image
+    while scans <= stop_after and (found := _JPEG_MARKER.search(data, position)) is not None:
+        position = found.start()
+        kind = data[position + 1]
+        if kind == 0xD9:  # end of image
+            break
+        if kind in (0x01, 0xD8) or position + 4 > len(data):  # no length field
+            position += 2
+            continue
+        if kind == 0xDA:
+            scans += 1
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return scans
 
 
 def decode_image(
@@ -161,14 +178,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _open(data: bytes) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            # Our own pixel limit decides; PIL's warning at its (different) limit would only be noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise InvalidImageError(f"the bytes are not an image ({_SUPPORTED_NAMES} accepted)") from None
-    except Image.DecompressionBombError as exc:
-        raise PayloadTooLargeError(f"the image is too large to decode safely ({exc})") from None
     except Exception as exc:  # a header that starts right and then breaks
         raise InvalidImageError(f"cannot read the image header ({exc})") from None
 

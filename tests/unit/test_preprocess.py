@@ -12,7 +12,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from timmserve.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaError
-from timmserve.preprocess import Normalizer, Preprocessor, decode_image
+from timmserve.preprocess import Normalizer, Preprocessor, decode_image, open_checked
 
 LIMIT = 64 * 1024 * 1024
 
@@ -100,10 +100,19 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
 
 
-@pytest.mark.parametrize("side", [10_000, 100_000])  # over our limit; over PIL's own, too
+@pytest.mark.parametrize("side", [10_000, 100_000])  # over our limit; over Pillow's own, too
 def test_decompression_bomb_is_refused_before_decoding(side):
-    with pytest.raises(PayloadTooLargeError, match="pixels"):
+    with pytest.raises(PayloadTooLargeError, match=rf"^the image is {side}x{side} = {side * side:,} pixels; the limit"):
         decode_image(png_header_only(side, side), max_pixels=LIMIT)
+
+
+def test_a_pixel_limit_above_pillows_own_is_the_one_that_holds():
+    # Found by the hostile-client pass: Pillow refused anything over 179 MP (its limit) with its
+    # own message, whatever --max-image-pixels said.
+    image, _ = open_checked(png_header_only(15_000, 15_000), max_pixels=400_000_000)
+    assert image.size == (15_000, 15_000)
+    with pytest.raises(PayloadTooLargeError, match=r"the limit is 200,000,000$"):
+        open_checked(png_header_only(15_000, 15_000), max_pixels=200_000_000)
 
 
 @pytest.mark.parametrize(
