@@ -15,7 +15,9 @@ and a request that does not fit is one 400 naming the field.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -23,7 +25,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from timmserve.errors import InvalidRequestError, RequestError
+from timmserve.errors import InvalidRequestError, PayloadTooLargeError, RequestError
 from timmserve.payload import Prediction, decimal_int, decode_base64
 
 INPUT_NAME = "image"
@@ -90,9 +92,12 @@ class InferRequestHeader(BaseModel):
     outputs: list[RequestedOutput] | None = None
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+def parse_infer_request(body: bytes, header_length: str | None, *, max_images: int) -> InferRequest:
     """An OIP inference request → the encoded images it carries. Raises InvalidRequestError (400)
-    naming the field for anything that does not fit the protocol or this model."""
+    naming the field for anything that does not fit the protocol or this model, and
+    PayloadTooLargeError (413) when its shape holds more than `max_images` images. The shape is
+    checked against the limit, then against the elements' count, before any element is decoded:
+    a 20 MB body holds millions of empty elements (decoding them all blocked the API server 16 s)."""
     json_size = _json_size(header_length, len(body))
     try:
         header = InferRequestHeader.model_validate_json(body[:json_size])
@@ -101,13 +106,17 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     if len(header.inputs) != 1:
         raise InvalidRequestError(f'this model takes exactly one input, "{INPUT_NAME}" (BYTES, shape [n])')
     tensor = header.inputs[0]
+    if tensor.name != INPUT_NAME:
+        raise InvalidRequestError(f'this model\'s input is "{INPUT_NAME}", not {tensor.name!r:.60}')
     if tensor.datatype != "BYTES":
         raise InvalidRequestError(f'input "{tensor.name}" must have datatype BYTES (encoded image files)')
-    images = _input_elements(tensor, body[json_size:])
-    if not images or int(np.prod(tensor.shape, dtype=np.int64)) != len(images):
-        raise InvalidRequestError(f"input shape {tensor.shape} does not match its {len(images)} elements")
+    count = math.prod(tensor.shape)  # Python's ints: a client's 2**64 does not overflow
+    if count > max_images:
+        raise PayloadTooLargeError.too_many_images(count, max_images)
+    if count == 0:
+        raise InvalidRequestError(f"input shape {tensor.shape} holds no image")
     return InferRequest(
-        images=images,
+        images=_input_elements(tensor, body[json_size:], count),
         top_k=header.parameters.top_k,
         request_id=header.id,
         outputs=_requested_outputs(header.outputs, header.parameters.binary_data_output),
@@ -166,24 +175,32 @@ def _json_size(header_length: str | None, body_size: int) -> int:
     return size
 
 
-def _input_elements(tensor: InputTensor, binary: bytes) -> list[bytes]:
+def _input_elements(tensor: InputTensor, binary: bytes, count: int) -> list[bytes]:
+    """The input's `count` elements, from the binary data or the JSON `data`; InvalidRequestError
+    when there are not exactly `count` (found before decoding any)."""
     size = tensor.parameters.binary_data_size
     if size is not None:
         if size != len(binary):
             raise InvalidRequestError("binary_data_size does not match the binary data after the JSON header")
-        return _deserialize_bytes(binary)
+        elements = _deserialize_bytes(binary, count + 1)
+        if len(elements) != count:
+            raise InvalidRequestError(f"input shape {tensor.shape} does not match its binary data's elements")
+        return elements
     if tensor.data is None:
         raise InvalidRequestError(f'input "{tensor.name}" has no "data" (base64 strings) and no binary data')
-    flat = list(_flatten(tensor.data))
+    flat = list(itertools.islice(_flatten(tensor.data), count + 1))
+    if len(flat) != count:
+        raise InvalidRequestError(f"input shape {tensor.shape} does not match its data's elements")
     if not all(isinstance(item, str) for item in flat):
         raise InvalidRequestError("BYTES data in JSON must be base64 strings of image files")
     return [decode_base64(item, f'element {index} of input "{INPUT_NAME}"') for index, item in enumerate(flat)]
 
 
-def _deserialize_bytes(blob: bytes) -> list[bytes]:
-    """Triton's BYTES encoding: each element is a 4-byte little-endian length, then the bytes."""
+def _deserialize_bytes(blob: bytes, at_most: int) -> list[bytes]:
+    """Triton's BYTES encoding: each element is a 4-byte little-endian length, then the bytes.
+    Reads `at_most` elements."""
     items, offset = [], 0
-    while offset < len(blob):
+    while offset < len(blob) and len(items) < at_most:
         if offset + 4 > len(blob):
             raise InvalidRequestError("truncated BYTES tensor in the binary data")
         (length,) = struct.unpack_from("<I", blob, offset)

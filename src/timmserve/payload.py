@@ -65,12 +65,13 @@ class PayloadLimits:
     max_body_bytes: int  # as sent and once inflated
     num_classes: int  # top_k may not exceed it
     default_top_k: int
+    max_images: int  # in one request: the most the server ever admits at once (--max-queue)
     body_timeout: float | None = None  # seconds a body may stall between two reads; None: no limit
 
     @classmethod
     def of(cls, config: ServeConfig, num_classes: int) -> PayloadLimits:
         """The limits a server with this config applies to a model with `num_classes` classes."""
-        return cls(config.max_body_bytes, num_classes, config.top_k, config.client_timeout)
+        return cls(config.max_body_bytes, num_classes, config.top_k, config.queue_limit(), config.client_timeout)
 
 
 async def parse_predict_request(request: Request, limits: PayloadLimits) -> ImageRequest:
@@ -308,6 +309,12 @@ def _shown(value: Any, limit: int = 40) -> str:
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "an array", bool: "a boolean", type(None): "null"}.get(
-        type(value), f"a {type(value).__name__}"
-    )
+    names = {
+        dict: "an object",
+        list: "an array",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+    }
+    return names.get(type(value), "null")  # what json.loads makes: these types and None

@@ -112,7 +112,9 @@ def add_inference_routes(app: FastAPI, service: InferenceService) -> None:
         """One OIP inference request: each of its images goes through the batcher on its own."""
         _check_model_name(model_name, service)
         body = await read_body(request, service.limits)
-        infer_request = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH))
+        infer_request = oip.parse_infer_request(
+            body, request.headers.get(oip.HEADER_LENGTH), max_images=service.limits.max_images
+        )
         top_k = check_top_k(infer_request.top_k, service.limits)
         results = await service.classify([ImageRequest(data, top_k) for data in infer_request.images], request)
         for index, result in enumerate(results):

@@ -88,6 +88,12 @@ def test_kserve_documented_json_request(server, photos):
         ({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["aGk="]}]}, 400, "shape"),
         ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}]}, 400, "image 0"),
         ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%"]}]}, 400, "base64"),
+        (
+            {"inputs": [{"name": "image", "shape": [2**64], "datatype": "BYTES", "data": ["aGk="]}]},
+            413,
+            "admits at most",
+        ),
+        ({"inputs": [{"name": "foo", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}]}, 400, 'input is "image"'),
     ],
 )
 def test_protocol_errors_use_the_error_format(server, body, status, words):

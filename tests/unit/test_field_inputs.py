@@ -17,7 +17,13 @@ from PIL import Image
 
 from timmserve import oip
 from timmserve.classifier import Classifier
-from timmserve.errors import InternalError, InvalidImageError, InvalidRequestError, UnsupportedMediaError
+from timmserve.errors import (
+    InternalError,
+    InvalidImageError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    UnsupportedMediaError,
+)
 from timmserve.payload import ImageRequest
 from timmserve.preprocess import FORMAT_FAMILIES, MAX_JPEG_SCANS, Preprocessor, decode_image, jpeg_scan_count
 
@@ -180,14 +186,51 @@ def infer_body(header: dict, binary: bytes = b"") -> tuple[bytes, str | None]:
 def test_every_oip_field_is_checked_by_type_naming_it(header, words):
     body, length = infer_body(header)
     with pytest.raises(InvalidRequestError) as caught:
-        oip.parse_infer_request(body, length)
+        oip.parse_infer_request(body, length, max_images=128)
     assert caught.value.detail.startswith(words), caught.value.detail
+
+
+# Found by the hostile-client pass: a shape of 2**64 overflowed numpy (a plain-text 500), and a
+# 20 MB body of millions of empty elements was decoded element by element before the 413 (16 s of
+# the API server's event loop). The shape is checked first, in Python's ints; no element is decoded
+# until the count is right.
+@pytest.mark.parametrize(
+    ("shape", "elements", "error", "words"),
+    [
+        ([2**64], 1, PayloadTooLargeError, "the request has 18446744073709551616 images; this server admits at most 4"),
+        ([1, 2**64], 1, PayloadTooLargeError, "the request has 18446744073709551616 images"),
+        ([5], 5, PayloadTooLargeError, "the request has 5 images"),
+        ([2, 0], 0, InvalidRequestError, "input shape [2, 0] holds no image"),
+        ([1], 3, InvalidRequestError, "input shape [1] does not match"),
+        ([3], 1, InvalidRequestError, "input shape [3] does not match"),
+    ],
+)
+@pytest.mark.parametrize("binary", [False, True])
+def test_an_oip_shape_is_checked_before_any_element_is_decoded(monkeypatch, shape, elements, error, words, binary):
+    decoded = []
+    monkeypatch.setattr(oip, "decode_base64", lambda text, where: decoded.append(text) or b"x")
+    tensor = {"name": "image", "shape": shape, "datatype": "BYTES"}
+    if binary:
+        blob = (struct.pack("<I", 1) + b"x") * elements
+        body, length = infer_body({"inputs": [{**tensor, "parameters": {"binary_data_size": len(blob)}}]}, blob)
+    else:
+        body, length = infer_body({"inputs": [{**tensor, "data": ["eA=="] * elements}]})
+    with pytest.raises(error) as caught:
+        oip.parse_infer_request(body, length, max_images=4)
+    assert caught.value.detail.startswith(words), caught.value.detail
+    assert decoded == []
+
+
+def test_an_oip_input_must_be_named_image():
+    body, length = infer_body({"inputs": [{"name": "foo", "shape": [1], "datatype": "BYTES", "data": ["eA=="]}]})
+    with pytest.raises(InvalidRequestError, match="""^this model's input is "image", not 'foo'$"""):
+        oip.parse_infer_request(body, length, max_images=4)
 
 
 @pytest.mark.parametrize("length", ["²", "1e3", "-1", "0x10", "9" * 5000, "١٢"])
 def test_the_header_length_is_ascii_digits_only(length):
     with pytest.raises(InvalidRequestError, match="Inference-Header-Content-Length must be"):
-        oip.parse_infer_request(b'{"inputs": []}', length)
+        oip.parse_infer_request(b'{"inputs": []}', length, max_images=128)
 
 
 json_values = st.recursive(
@@ -216,7 +259,7 @@ def test_any_oip_request_parses_or_is_a_400(header, binary):
     body, length = infer_body(header, binary)
     for header_length in (length, None):
         try:
-            parsed = oip.parse_infer_request(body, header_length)
-        except InvalidRequestError:
+            parsed = oip.parse_infer_request(body, header_length, max_images=128)
+        except (InvalidRequestError, PayloadTooLargeError):
             continue
         assert parsed.images and all(isinstance(image, bytes) for image in parsed.images)

@@ -21,7 +21,9 @@ from starlette.testclient import TestClient
 from timmserve.errors import InvalidRequestError, RequestError, RequestTimeoutError
 from timmserve.payload import PayloadLimits, decode_base64, parse_predict_request, read_body
 
-LIMITS = PayloadLimits(max_body_bytes=16384, num_classes=10, default_top_k=5)  # room for 5,000-digit top_k
+LIMITS = PayloadLimits(
+    max_body_bytes=16384, num_classes=10, default_top_k=5, max_images=128
+)  # room for 5,000-digit top_k
 IMAGE = b"\xff\xd8\xff\xe0 pretend JPEG bytes"
 
 
@@ -91,6 +93,9 @@ def test_multipart_form(client):
         ({"json": [1, 2]}, 400, "must be an object"),
         ({"json": {"image": None}}, 400, "not null"),
         ({"json": {"image": ["a"]}}, 400, "not an array"),
+        ({"json": {"image": 5}}, 400, "not an integer"),
+        ({"json": {"image": 0.5}}, 400, "not a number"),
+        ({"json": {"image": None}}, 400, "not null"),
         ({"json": {"image": "not base64!"}}, 400, "not valid base64"),
         ({"json": {"image": ""}}, 400, "empty"),
         ({"json": {"image": "aGk=", "top_k": 11}}, 400, "from 1 to 10"),
@@ -257,7 +262,7 @@ def test_bad_compressed_bodies_name_the_problem(client, coding, body, status, de
 def test_a_bomb_stops_inflating_at_the_limit():
     """100 MB of zeros is 100 kB of gzip, under the limit as sent: inflating stops at the limit,
     instead of holding the 100 MB first."""
-    limits = PayloadLimits(max_body_bytes=2**20, num_classes=10, default_top_k=5)
+    limits = PayloadLimits(max_body_bytes=2**20, num_classes=10, default_top_k=5, max_images=128)
     bomb = gzip.compress(b"\0" * 10**8)
     assert len(bomb) < limits.max_body_bytes
     tracemalloc.start()
@@ -280,7 +285,7 @@ def test_a_content_length_that_is_not_ascii_digits_is_left_to_the_streamed_count
 
 
 def test_a_body_that_stalls_past_the_timeout_is_a_408_that_closes_the_connection():
-    limits = PayloadLimits(max_body_bytes=4096, num_classes=10, default_top_k=5, body_timeout=0.2)
+    limits = PayloadLimits(max_body_bytes=4096, num_classes=10, default_top_k=5, max_images=128, body_timeout=0.2)
     reading = read_body(stub_request([b"part of a body"], stall=True), limits)
     with pytest.raises(RequestTimeoutError, match="no byte of the body arrived for 0.2 s") as raised:
         asyncio.run(asyncio.wait_for(reading, 10))  # bounded: without the timeout, a TimeoutError
@@ -288,7 +293,7 @@ def test_a_body_that_stalls_past_the_timeout_is_a_408_that_closes_the_connection
 
 
 def test_the_body_timeout_bounds_each_pause_not_the_whole_body():
-    limits = PayloadLimits(max_body_bytes=4096, num_classes=10, default_top_k=5, body_timeout=0.2)
+    limits = PayloadLimits(max_body_bytes=4096, num_classes=10, default_top_k=5, max_images=128, body_timeout=0.2)
     chunks = [b"a" * 100] * 6  # 6 × 0.1 s: longer than the timeout in all, each pause shorter
     assert asyncio.run(read_body(stub_request(chunks, pause=0.1), limits)) == b"a" * 600
 
