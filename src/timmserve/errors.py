@@ -86,14 +86,10 @@ class PayloadTooLargeError(RequestError):
 
 
 class RequestTimeoutError(RequestError):
-    """408: the client took too long sending its request; the answer closes the connection, whose
-    unread rest could not be told apart from a next request."""
+    """408: the client took too long sending its request (the connection is closed after the
+    answer, as after any answer given before the body was read: middleware.CloseUnreadBody)."""
 
     status_code = 408
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.headers["Connection"] = "close"
 
 
 class UnknownModelError(RequestError):

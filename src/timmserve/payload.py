@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import json
+import time
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -96,8 +97,8 @@ async def read_body(request: Request, limits: PayloadLimits) -> bytes:
     Raises PayloadTooLargeError (413) as soon as the body, as sent or inflated, is known to exceed
     `limits.max_body_bytes`; UnsupportedMediaError (415) for another content coding;
     InvalidRequestError (400) for a compressed body that does not inflate; RequestTimeoutError
-    (408) when no byte of it arrives for `limits.body_timeout` seconds; ClientGoneError when the
-    client disconnects first."""
+    (408) when no byte of it arrives for `limits.body_timeout` seconds, or it comes slower than
+    MIN_BODY_BYTES_PER_SECOND after that long; ClientGoneError when the client disconnects first."""
     max_bytes = limits.max_body_bytes
     inflater = _inflater_for(request.headers.get("content-encoding", ""), max_bytes)
     declared = decimal_int(request.headers.get("content-length", ""))
@@ -114,19 +115,37 @@ async def read_body(request: Request, limits: PayloadLimits) -> bytes:
     return b"".join(chunks)
 
 
+# Once `stall_timeout` seconds have passed, a body must have come at this many bytes a second or
+# more on average: Apache httpd's mod_reqtimeout default (body=20,MinRate=500). Without it a client
+# sending a byte now and then held its connection for ever, and a graceful shutdown its whole grace.
+MIN_BODY_BYTES_PER_SECOND = 500
+
+
 async def _received(request: Request, stall_timeout: float | None) -> AsyncIterator[bytes]:
     """The body's chunks as they arrive; RequestTimeoutError when none comes for `stall_timeout`
-    seconds (a stalled client would otherwise hold its connection and buffered body for ever)."""
+    seconds, or when after `stall_timeout` seconds it comes slower than MIN_BODY_BYTES_PER_SECOND
+    (a stalled or trickling client would otherwise hold its connection and buffered body for ever)."""
     stream = request.stream()
+    started, received = time.monotonic(), 0
     while True:
+        wait, rate_bound = stall_timeout, False
+        if stall_timeout is not None:
+            until_too_slow = started + stall_timeout + received / MIN_BODY_BYTES_PER_SECOND - time.monotonic()
+            wait, rate_bound = min(stall_timeout, until_too_slow), until_too_slow < stall_timeout
         try:
-            yield await asyncio.wait_for(anext(stream), stall_timeout)
+            chunk = await asyncio.wait_for(anext(stream), wait)
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:
+            if rate_bound:
+                raise RequestTimeoutError(
+                    f"the body came slower than {MIN_BODY_BYTES_PER_SECOND} bytes/s after its first {stall_timeout:g} s"
+                ) from None
             raise RequestTimeoutError(f"no byte of the body arrived for {stall_timeout:g} s") from None
         except ClientDisconnect:
             raise ClientGoneError("the client disconnected while sending its body") from None
+        received += len(chunk)
+        yield chunk
 
 
 # Content-Encoding → zlib's window bits for it: gzip (RFC 1952) and deflate, which HTTP defines as the
@@ -147,6 +166,12 @@ def _inflater_for(content_encoding: str, max_bytes: int) -> _Inflater | None:
     return _Inflater(coding, max_bytes)
 
 
+# Gzip members in one body: a client compresses its body as one; a few concatenated files are
+# still fine. Each member costs a new decompressor: 20 MB of empty members (a million) took an API
+# server's loop 4.4 s (the hostile-client pass).
+MAX_GZIP_MEMBERS = 64
+
+
 class _Inflater:
     """A compressed body, inflated as it streams in. Its output is bounded, not its input: a few
     kilobytes of gzip can inflate to gigabytes (a decompression bomb)."""
@@ -155,6 +180,7 @@ class _Inflater:
         self.coding = coding
         self.max_bytes = max_bytes
         self.size = 0  # bytes inflated so far
+        self.members = 1
         self._stream = zlib.decompressobj(_INFLATE_WBITS[coding])
 
     def inflate(self, data: bytes) -> bytes:
@@ -165,6 +191,9 @@ class _Inflater:
             if self._stream.eof:  # a gzip body may be several members, one after another (RFC 1952)
                 if self.coding == "deflate":
                     raise InvalidRequestError("the deflate body has data after its end")
+                self.members += 1
+                if self.members > MAX_GZIP_MEMBERS:
+                    raise InvalidRequestError(f"the gzip body has more than {MAX_GZIP_MEMBERS} members")
                 self._stream = zlib.decompressobj(_INFLATE_WBITS[self.coding])
             try:
                 piece = self._stream.decompress(data, self.max_bytes - self.size + 1)

@@ -29,7 +29,14 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from timmserve import __version__, oip, openapi
 from timmserve.classifier import Result
 from timmserve.errors import InternalError, RequestError, UnknownModelError
-from timmserve.middleware import ApiKeyAuth, HeadAsGet, RequestContext, ResponseHeaders, request_id_of
+from timmserve.middleware import (
+    ApiKeyAuth,
+    CloseUnreadBody,
+    HeadAsGet,
+    RequestContext,
+    ResponseHeaders,
+    request_id_of,
+)
 from timmserve.payload import (
     ImageRequest,
     PayloadLimits,
@@ -159,8 +166,8 @@ def install(
 ) -> None:
     """Give an engine's FastAPI app timmserve's HTTP contract: the inference endpoints, the demo
     page, the OpenAPI document, the error path, and the middlewares (request id + access log +
-    HTTP metrics outermost, then HEAD answered as GET without its body, then the random-weights
-    header on every response, then the API key).
+    HTTP metrics outermost, then the connection closed after a body left unread, then HEAD answered
+    as GET without its body, then the random-weights header on every response, then the API key).
     `proxy_sets_request_id`: the app runs behind Ray Serve's proxy, which sets `X-Request-ID`
     itself (see RequestContext). Call after the engine added its own routes."""
     add_inference_routes(app, service)
@@ -173,5 +180,6 @@ def install(
         app.add_middleware(ResponseHeaders, headers={RANDOM_WEIGHTS_HEADER: "true; throughput studies only"})
     app.add_middleware(HeadAsGet)  # every GET route: timmserve's, and LitServe's /health and /info
     known_paths = frozenset(route.path for route in app.routes if "{" not in getattr(route, "path", "{"))
+    app.add_middleware(CloseUnreadBody)
     # Outermost: added last.
     app.add_middleware(RequestContext, known_paths=known_paths, proxy_sets_id=proxy_sets_request_id)

@@ -152,3 +152,19 @@ def test_a_huge_header_value_is_refused_before_it_ends(port):
         response, closed_after = read_until_closed(sock, SLACK)
     assert closed_after is not None
     assert refusal(response) == (431, f"the request line and headers are over the limit of {MAX_HEADER_BYTES:,} bytes")
+
+
+def test_a_body_that_asks_to_upgrade_to_h2c_is_refused_naming_the_fix(port):
+    # Found by the hostile-client pass: `curl --http2` on http:// sends Upgrade: h2c; httptools stops
+    # at the upgrade, and the application got an empty body ("the image is empty").
+    upgrade = (
+        ("Connection", "Upgrade, HTTP2-Settings"),
+        ("Upgrade", "h2c"),
+        ("HTTP2-Settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+    )
+    head = request_head(*upgrade, ("Content-Length", "5")).replace(b"GET", b"POST", 1)
+    response, closed_after = exchange(port, head + b"hello", SLACK)
+    assert closed_after is not None
+    status, detail = refusal(response)
+    assert status == 400 and detail.startswith("the request asks to switch to 'h2c'") and "--http1.1" in detail
+    assert status_of(exchange(port, request_head(*upgrade), SLACK)[0]) == 200  # no body: the upgrade is ignored

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 
 from timmserve import metrics
 from timmserve.logs import JsonFormatter, TextFormatter
-from timmserve.middleware import ApiKeyAuth, HeadAsGet, RequestContext, endpoint_label, request_id_of
+from timmserve.middleware import ApiKeyAuth, CloseUnreadBody, HeadAsGet, RequestContext, endpoint_label, request_id_of
 
 KNOWN = frozenset({"/predict", "/health", "/metrics"})
 
@@ -144,3 +144,22 @@ def test_json_logs_are_one_object_with_the_extra_fields():
 def test_text_logs_end_with_the_fields_as_key_value():
     line = TextFormatter().format(_record(request_id="r1", duration_ms=1.5))
     assert line.endswith("timmserve.access: POST /predict 200 request_id=r1 duration_ms=1.5")
+
+
+def test_an_answer_given_before_the_body_was_read_closes_the_connection():
+    async def reads_the_body(request):
+        return PlainTextResponse(str(len(await request.body())))
+
+    async def answers_at_once(request):
+        return PlainTextResponse("refused", status_code=413)
+
+    app = Starlette(
+        routes=[Route("/read", reads_the_body, methods=["POST"]), Route("/refuse", answers_at_once, methods=["POST"])]
+    )
+    app.add_middleware(CloseUnreadBody)
+    client = TestClient(app)
+    assert client.post("/refuse", content=b"x" * 10).headers["connection"] == "close"
+    assert client.post("/refuse", content=iter([b"x"] * 3)).headers["connection"] == "close"  # chunked
+    read = client.post("/read", content=b"x" * 10)
+    assert read.text == "10" and "connection" not in read.headers
+    assert "connection" not in client.post("/refuse").headers  # no body: nothing left unread
