@@ -235,8 +235,8 @@ async def _from_multipart(request: Request, body: bytes, limits: PayloadLimits) 
 
     try:
         form = await Request(request.scope, replay_body).form(max_files=1, max_fields=10)
-    except Exception as exc:  # python-multipart's parse errors, starlette's limit errors
-        raise InvalidRequestError(f"the multipart body cannot be parsed ({exc})") from None
+    except Exception as exc:  # python-multipart's parse errors, starlette's limit errors (an HTTPException)
+        raise InvalidRequestError(f"the multipart body cannot be parsed ({getattr(exc, 'detail', exc)})") from None
     try:
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
