@@ -15,10 +15,11 @@ Each answer is `{"detail": …}` with `Connection: close`, and the connection cl
 the client sent cannot be told apart from a next request. A body that stalls is payload.read_body's
 to answer (408, through the app), the application having started by then.
 
-A request with a body that asks to upgrade to a protocol other than WebSocket (`curl --http2`
-sends `Upgrade: h2c` on http:// URLs) is refused (400, naming the fix): httptools stops parsing at
-the upgrade, so uvicorn handed the application an empty body and took the body's bytes for a next
-request. Without a body the upgrade is ignored (RFC 9110, 7.8), as before.
+A request with a body that asks to upgrade to another protocol (`curl --http2` sends `Upgrade: h2c`
+on http:// URLs) is refused (400, naming the fix): httptools stops parsing at the upgrade, so
+uvicorn handed the application an empty body and took the body's bytes for a next request. Without
+a body the upgrade is ignored (RFC 9110, 7.8); the server runs with `ws="none"`, so no request
+leaves HTTP/1.1 (and these bounds) for uvicorn's WebSocket protocol.
 
 One more thing uvicorn leaves out: when a client closes a connection, uvicorn tells only its
 newest request. A client that pipelines a second request behind the first and leaves would keep
@@ -87,12 +88,12 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._receiving_head = False
         self._stop_head_timer()
         size = len(self.url) + sum(len(name) + len(value) for name, value in self.headers)
-        upgrade = self._get_upgrade()
+        upgrade = self._upgrade_asked()
         if len(self.headers) > MAX_HEADERS:
             self._refuse(431, f"the request has {len(self.headers):,} header fields; the limit is {MAX_HEADERS}")
         elif size > MAX_HEADER_BYTES:
             self._refuse(431, f"the request line and headers are {size:,} bytes; the limit is {MAX_HEADER_BYTES:,}")
-        elif upgrade is not None and upgrade != b"websocket" and self._announces_body():
+        elif upgrade is not None and self._announces_body():
             self._refuse(
                 400,
                 f"the request asks to switch to {upgrade.decode('latin-1')[:40]!r}, which this HTTP/1.1 server "
@@ -107,6 +108,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         # The parser stops: no application, nothing after the head read. uvicorn takes this for a
         # parse error: it logs "Invalid HTTP request received." and its 400 goes nowhere (closed).
         raise _HeadRefused
+
+    def _upgrade_asked(self) -> bytes | None:
+        """The protocol the request asks to switch to, as llhttp sees it: an `upgrade` token in any
+        `Connection` line (uvicorn's `_get_upgrade` reads the last line only) and an `Upgrade` field."""
+        connection = b",".join(value for name, value in self.headers if name == b"connection")
+        upgrade = [value for name, value in self.headers if name == b"upgrade"]
+        asked = b"upgrade" in (token.strip().lower() for token in connection.split(b","))
+        return upgrade[-1] if asked and upgrade else None
 
     def _announces_body(self) -> bool:
         return any(

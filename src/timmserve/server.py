@@ -227,6 +227,9 @@ def run_server(config: ServeConfig) -> None:
                 access_log=False,  # timmserve.access logs each request, with its request id
                 log_config=log_config,
                 http=limited_protocol(config.client_timeout),  # bounds on request heads (uvicorn keeps none)
+                # No route speaks WebSocket, and uvicorn's WebSocket protocol is outside those bounds
+                # (a held upgrade request ignored --client-timeout and made SIGTERM answer 500s).
+                ws="none",
             )
         except RuntimeError as exc:
             if "workers failed to start" in str(exc):

@@ -168,6 +168,15 @@ def test_a_client_that_goes_on_sending_after_an_early_answer_is_cut_off(server, 
     pytest.fail("the server took 200 MiB after its answer")
 
 
+def test_a_websocket_upgrade_stays_http(server):
+    # No route speaks WebSocket: the request is served as HTTP/1.1, within its bounds (found by the
+    # second hostile pass: uvicorn's WebSocket protocol held an upgrade with a body for ever, and its
+    # shutdown then answered the admitted requests 500).
+    fields = ("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+    response, _ = exchange(server.port, request_head(*fields, ("Sec-WebSocket-Version", "13"), path="/health"), SLACK)
+    assert response.startswith(b"HTTP/1.1 200 ")
+
+
 def test_heads_over_the_limits_get_a_431(server):
     too_many = [(f"X-Field-{i}", "1") for i in range(MAX_HEADERS)]
     assert refusal(exchange(server.port, request_head(*too_many), SLACK)[0])[0] == 431
