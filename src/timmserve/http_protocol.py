@@ -6,7 +6,9 @@ Without them a client that never finishes its headers holds its connection for e
 128 MiB header value costs an API server seconds of CPU (httptools joins a value's pieces one by
 one) while every other request on it waits. Here:
 
-- the head may be at most MAX_HEADER_BYTES long and carry MAX_HEADERS fields: else 431;
+- the head may be at most MAX_HEADER_BYTES long and carry MAX_HEADERS fields: else 431; so may
+  what a chunked body carries between two of its data bytes (chunk-size lines, extensions, trailer
+  fields, which uvicorn adds to the request's headers without a bound);
 - it must arrive within `client_timeout` seconds, counted from the connection's start for its first
   request and from the first byte of each later one: else 408. A connection that sends nothing
   in that time is closed without an answer, as uvicorn closes an idle kept-alive one.
@@ -55,6 +57,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # read while the head was incomplete, the read that began it not counted
         self._head_timer: asyncio.TimerHandle | None = None
         self._cycles: list[RequestResponseCycle] = []  # this connection's requests, answered ones dropped
+        self._in_body = False  # between a request's end of headers and its end
+        self._bytes_without_body = 0  # read in the body since its last body byte: framing, trailers
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -71,11 +75,27 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._receiving_head:
             self._head_bytes += len(data)
+        if self._in_body:
+            self._bytes_without_body += len(data)  # back to 0 at the next body byte (on_body)
         super().data_received(data)
         # httptools reports a header only once it is whole: a head still incomplete after this
         # many bytes is refused here, before the parser is fed more of it.
         if self._receiving_head and self._head_bytes > MAX_HEADER_BYTES:
             self._refuse(431, f"the request line and headers are over the limit of {MAX_HEADER_BYTES:,} bytes")
+        # The same bound for what a chunked body carries besides its data: chunk-size lines, their
+        # extensions, trailer fields (parsed like headers: uvicorn kept every one).
+        elif self._in_body and self._bytes_without_body > MAX_HEADER_BYTES:
+            self._refuse(
+                431, f"the chunked body's framing and trailers are over the limit of {MAX_HEADER_BYTES:,} bytes"
+            )
+
+    def on_body(self, body: bytes) -> None:
+        self._bytes_without_body = 0
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -101,6 +121,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             )
         else:
             super().on_headers_complete()  # starts the application, or queues it behind the one running
+            self._in_body, self._bytes_without_body = True, 0
             self._cycles = [cycle for cycle in self._cycles if not cycle.response_complete]
             if self.cycle is not None and self.cycle not in self._cycles:  # none for an upgrade
                 self._cycles.append(self.cycle)
@@ -136,8 +157,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._head_timer = None
 
     def _refuse(self, status: int, detail: str) -> None:
-        """Answer `status` with `detail`, then close the connection."""
+        """Answer `status` with `detail`, then close the connection (only close it when the
+        application has begun its own answer)."""
         if self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete:
+            self.logger.warning("closed the connection: %s", detail)
+            self.transport.close()
             return
         self._stop_head_timer()
         self.logger.warning("answered %d and closed the connection: %s", status, detail)

@@ -26,10 +26,14 @@ async def ok(request) -> PlainTextResponse:
     return PlainTextResponse("ok")
 
 
+async def body_length(request) -> PlainTextResponse:
+    return PlainTextResponse(str(len(await request.body())))
+
+
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
     port = free_port()
-    app = Starlette(routes=[Route("/", ok)])
+    app = Starlette(routes=[Route("/", ok), Route("/body", body_length, methods=["POST"])])
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", http=limited_protocol(TIMEOUT))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -181,3 +185,34 @@ def test_a_body_that_asks_to_upgrade_is_refused_naming_the_fix(port, fields, pro
     assert status == 400 and detail.startswith(f"the request asks to switch to {protocol!r}") and "--http1.1" in detail
     if protocol == "h2c":
         assert status_of(exchange(port, request_head(*fields), SLACK)[0]) == 200  # no body: the upgrade is ignored
+
+
+CHUNKED_HEAD = b"POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "flood",
+    [
+        b"X:a\r\n" * 52_000,  # many small trailer fields: uvicorn kept every one (GBs in seconds)
+        b"X-Big: " + b"a" * 8 * 2**20,  # one huge trailer value: httptools joins its pieces, quadratic
+        b";" + b"e" * 8 * 2**20,  # a chunk extension that never ends
+    ],
+)
+def test_a_chunked_body_cannot_carry_more_than_a_head_besides_its_data(port, flood):
+    # Found by the second hostile pass: trailers came after the head's bounds applied.
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(CHUNKED_HEAD + b"1\r\nA\r\n" + (b"1" if flood.startswith(b";") else b"0\r\n"))
+        try:
+            for start in range(0, len(flood), 2**16):
+                sock.sendall(flood[start : start + 2**16])
+        except OSError:  # the server answered and closed: it stopped reading
+            pass
+        response, closed_after = read_until_closed(sock, SLACK)
+    assert closed_after is not None
+    assert refusal(response)[0] == 431
+
+
+def test_a_chunked_body_with_small_trailers_is_served(port):
+    trailers = b"".join(b"X-T%d: v\r\n" % i for i in range(20))
+    response, _ = exchange(port, CHUNKED_HEAD + b"3\r\nabc\r\n2\r\nde\r\n0\r\n" + trailers + b"\r\n", SLACK)
+    assert status_of(response) == 200 and response.endswith(b"\r\n\r\n5")
