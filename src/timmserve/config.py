@@ -168,8 +168,8 @@ class ServeConfig(Settings):
     )
     client_timeout: float = setting(
         30.0,
-        "Seconds a client gets to send its request headers, and the longest its body may pause; after that "
-        "long its body must come at 500 bytes/s or more on average; past any: 408 and the connection closed.",
+        "Seconds a client gets to send its request headers; each span this long must bring the body 500 "
+        "bytes/s on average (none: a stall), or its end; past either: 408 and the connection closed.",
         gt=0,
     )
     max_queue: int | None = setting(

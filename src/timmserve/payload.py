@@ -97,8 +97,8 @@ async def read_body(request: Request, limits: PayloadLimits) -> bytes:
     Raises PayloadTooLargeError (413) as soon as the body, as sent or inflated, is known to exceed
     `limits.max_body_bytes`; UnsupportedMediaError (415) for another content coding;
     InvalidRequestError (400) for a compressed body that does not inflate; RequestTimeoutError
-    (408) when no byte of it arrives for `limits.body_timeout` seconds, or it comes slower than
-    MIN_BODY_BYTES_PER_SECOND after that long; ClientGoneError when the client disconnects first."""
+    (408) when a window of `limits.body_timeout` seconds brings none of it, or less than
+    MIN_BODY_BYTES_PER_SECOND on average; ClientGoneError when the client disconnects first."""
     max_bytes = limits.max_body_bytes
     inflater = _inflater_for(request.headers.get("content-encoding", ""), max_bytes)
     declared = decimal_int(request.headers.get("content-length", ""))
@@ -115,36 +115,37 @@ async def read_body(request: Request, limits: PayloadLimits) -> bytes:
     return b"".join(chunks)
 
 
-# Once `stall_timeout` seconds have passed, a body must have come at this many bytes a second or
-# more on average: Apache httpd's mod_reqtimeout default (body=20,MinRate=500). Without it a client
-# sending a byte now and then held its connection for ever, and a graceful shutdown its whole grace.
+# In every `stall_timeout` seconds a body must bring at least this many bytes a second times those
+# seconds (or end): Apache httpd's mod_reqtimeout default rate (body=20,MinRate=500), counted per
+# window rather than over the whole body, so an early burst buys no stalling later. Without it a
+# client sending a byte now and then held its connection, and its buffered body, for ever.
 MIN_BODY_BYTES_PER_SECOND = 500
 
 
 async def _received(request: Request, stall_timeout: float | None) -> AsyncIterator[bytes]:
-    """The body's chunks as they arrive; RequestTimeoutError when none comes for `stall_timeout`
-    seconds, or when after `stall_timeout` seconds it comes slower than MIN_BODY_BYTES_PER_SECOND
-    (a stalled or trickling client would otherwise hold its connection and buffered body for ever)."""
+    """The body's chunks as they arrive; RequestTimeoutError when a window of `stall_timeout`
+    seconds brings fewer than MIN_BODY_BYTES_PER_SECOND × `stall_timeout` bytes (none: a stall) and
+    the body has not ended (a stalled or trickling client would otherwise hold its connection and
+    buffered body for ever)."""
     stream = request.stream()
-    started, received = time.monotonic(), 0
+    window_start, window_bytes = time.monotonic(), 0
     while True:
-        wait, rate_bound = stall_timeout, False
-        if stall_timeout is not None:
-            until_too_slow = started + stall_timeout + received / MIN_BODY_BYTES_PER_SECOND - time.monotonic()
-            wait, rate_bound = min(stall_timeout, until_too_slow), until_too_slow < stall_timeout
+        wait = None if stall_timeout is None else window_start + stall_timeout - time.monotonic()
         try:
             chunk = await asyncio.wait_for(anext(stream), wait)
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:
-            if rate_bound:
+            if window_bytes:
                 raise RequestTimeoutError(
-                    f"the body came slower than {MIN_BODY_BYTES_PER_SECOND} bytes/s after its first {stall_timeout:g} s"
+                    f"the body came slower than {MIN_BODY_BYTES_PER_SECOND} bytes/s over {stall_timeout:g} s"
                 ) from None
             raise RequestTimeoutError(f"no byte of the body arrived for {stall_timeout:g} s") from None
         except ClientDisconnect:
             raise ClientGoneError("the client disconnected while sending its body") from None
-        received += len(chunk)
+        window_bytes += len(chunk)
+        if stall_timeout is not None and window_bytes >= MIN_BODY_BYTES_PER_SECOND * stall_timeout:
+            window_start, window_bytes = time.monotonic(), 0
         yield chunk
 
 
