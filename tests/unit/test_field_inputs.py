@@ -25,7 +25,15 @@ from timmserve.errors import (
     UnsupportedMediaError,
 )
 from timmserve.payload import ImageRequest
-from timmserve.preprocess import FORMAT_FAMILIES, MAX_JPEG_SCANS, Preprocessor, decode_image, jpeg_scan_count
+from timmserve.preprocess import (
+    FORMAT_FAMILIES,
+    MAX_JPEG_SCANS,
+    MAX_JPEG_SEGMENTS,
+    MAX_JPEG_STRAY_BYTES,
+    Preprocessor,
+    check_jpeg_markers,
+    decode_image,
+)
 
 DATA_CONFIG = {
     "input_size": (3, 224, 224),
@@ -61,20 +69,39 @@ def test_a_jpeg_with_too_many_scans_is_refused_before_decoding(photos):
         decode_image(bomb, **LIMITS)
 
 
-def test_the_scan_count_counts_the_scans_of_the_first_picture_only(photos):
+def test_only_the_first_pictures_markers_count(photos):
     cat = Image.open(io.BytesIO(photos["cat"]))
     progressive = encode(cat, "JPEG", progressive=True)  # 10 scans
-    assert [jpeg_scan_count(data) for data in photos.values()] == [1] * len(photos)
-    assert jpeg_scan_count(progressive) == 10
     # Start-of-scan bytes where no marker is, found by the hostile-client pass (400 "70 scans"): an
-    # MPO's later pictures, never decoded; an APP segment's payload; garbage between segments.
+    # MPO's later pictures, never decoded; an APP segment's payload; stray bytes between segments.
     mpo = encode(cat, "MPO", save_all=True, append_images=[cat] * 6, progressive=True)
-    assert mpo.count(b"\xff\xda") == 70 and jpeg_scan_count(mpo) == 10
+    assert mpo.count(b"\xff\xda") == 70
     app9 = b"\xff\xe9" + (2 + 65533).to_bytes(2, "big") + b"\xff\xda" * (65533 // 2) + b"\x00"
-    assert jpeg_scan_count(progressive[:2] + app9 * 4 + progressive[2:]) == 10
-    assert jpeg_scan_count(progressive[:2] + b"junk\xff\x00" + progressive[2:]) == 10
-    assert jpeg_scan_count(b"\xff\xd8\xff\xda\x00\x02" * 100, stop_after=64) == 65  # stops counting
+    for data in [*photos.values(), progressive, mpo, progressive[:2] + app9 * 4 + progressive[2:]]:
+        check_jpeg_markers(data)
+    check_jpeg_markers(progressive[:2] + b"junk\xff\x00" + progressive[2:])
     assert decode_image(mpo, **LIMITS).size == cat.size
+    scan = b"\xff\xda\x00\x02"  # an empty scan: its segment, no entropy-coded data
+    check_jpeg_markers(b"\xff\xd8" + scan * MAX_JPEG_SCANS)
+    with pytest.raises(InvalidImageError, match=rf"^the JPEG has more than {MAX_JPEG_SCANS} scans, the limit$"):
+        check_jpeg_markers(b"\xff\xd8" + scan * (MAX_JPEG_SCANS + 1))
+
+
+def test_a_jpeg_header_pillow_would_read_for_seconds_is_refused_before_it_reads_it(photos, monkeypatch):
+    # Found by the second hostile pass: 20 MB of empty segments (or of stray bytes) before the first
+    # scan cost Pillow's header loop, in Python, 9 s of a core for one request.
+    comment = b"\xff\xfe\x00\x02"
+    check_jpeg_markers(b"\xff\xd8" + comment * (MAX_JPEG_SEGMENTS - 1) + b"\xff\xd9")
+    with pytest.raises(InvalidImageError, match=rf"^the JPEG has more than {MAX_JPEG_SEGMENTS:,} marker segments"):
+        check_jpeg_markers(b"\xff\xd8" + comment * MAX_JPEG_SEGMENTS + b"\xff\xd9")
+    check_jpeg_markers(b"\xff\xd8" + b"\x00" * MAX_JPEG_STRAY_BYTES + comment)
+    with pytest.raises(InvalidImageError, match=rf"^the JPEG has over {MAX_JPEG_STRAY_BYTES:,} stray bytes"):
+        check_jpeg_markers(b"\xff\xd8" + b"\x00" * (MAX_JPEG_STRAY_BYTES + 1) + comment)
+    monkeypatch.setattr("timmserve.preprocess._open", lambda data: pytest.fail("Pillow read the header"))
+    for filler in (b"\xff\xe1\x00\x00", b"\xff" * 4, b"\xff\x00" * 2):
+        crafted = photos["cat"][:2] + filler * 5_000_000 + photos["cat"][2:]  # 20 MB, as the hostile pass sent
+        with pytest.raises(InvalidImageError, match="^the JPEG has"):
+            decode_image(crafted, **LIMITS)
 
 
 def test_formats_are_accepted_by_family_mpo_is_a_jpeg(photos):
