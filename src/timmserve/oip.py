@@ -15,7 +15,6 @@ and a request that does not fit is one 400 naming the field.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import struct
@@ -188,9 +187,7 @@ def _input_elements(tensor: InputTensor, binary: bytes, count: int) -> list[byte
         return elements
     if tensor.data is None:
         raise InvalidRequestError(f'input "{tensor.name}" has no "data" (base64 strings) and no binary data')
-    flat = list(itertools.islice(_flatten(tensor.data), count + 1))
-    if len(flat) != count:
-        raise InvalidRequestError(f"input shape {tensor.shape} does not match its data's elements")
+    flat = _row_major(tensor.data, tensor.shape, count)
     if not all(isinstance(item, str) for item in flat):
         raise InvalidRequestError("BYTES data in JSON must be base64 strings of image files")
     return [decode_base64(item, f'element {index} of input "{INPUT_NAME}"') for index, item in enumerate(flat)]
@@ -230,9 +227,15 @@ def _requested_outputs(outputs: list[RequestedOutput] | None, binary_default: bo
     return requested
 
 
-def _flatten(data: list[Any]):  # noqa: ANN202 - a generator over nested lists
-    for item in data:
-        if isinstance(item, list):
-            yield from _flatten(item)
-        else:
-            yield item
+def _row_major(data: list[Any], shape: list[int], count: int) -> list[Any]:
+    """The JSON `data`'s `count` elements in row-major order: `data` flat, or nested exactly as the
+    shape says (the protocol allows either). InvalidRequestError otherwise, found level by level at
+    the first list of the wrong length, so a client's millions of nested lists are not walked."""
+    if len(data) == count and not any(isinstance(item, list) for item in data):
+        return data
+    level: list[Any] = [data]
+    for size in shape:
+        if not all(isinstance(items, list) and len(items) == size for items in level):
+            raise InvalidRequestError(f"input shape {shape} does not match its data's nesting")
+        level = [item for items in level for item in items]
+    return level

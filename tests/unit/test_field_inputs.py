@@ -248,6 +248,28 @@ def test_an_oip_shape_is_checked_before_any_element_is_decoded(monkeypatch, shap
     assert decoded == []
 
 
+@pytest.mark.parametrize(
+    ("shape", "data", "images"),
+    [
+        ([2, 1], [["eA=="], ["eQ=="]], [b"x", b"y"]),  # nested as the shape says
+        ([2, 1], ["eA==", "eQ=="], [b"x", b"y"]),  # or flat
+        ([1, 2], [["eA=="], ["eQ=="]], None),  # found by the second hostile pass: all four were a 200
+        ([2], ["eA==", ["eQ=="]], None),
+        ([1], [[], [[]], "eA=="], None),
+        ([1], [["eA=="]], None),
+        ([1], [[]] * 1_000_000 + ["eA=="], None),  # the pass's 20 MB of empty lists: not walked
+    ],
+)
+def test_oip_json_data_is_flat_or_nested_as_its_shape_says(shape, data, images):
+    tensor = {"name": "image", "shape": shape, "datatype": "BYTES", "data": data}
+    body, length = infer_body({"inputs": [tensor]})
+    if images is not None:
+        assert oip.parse_infer_request(body, length, max_images=4).images == images
+    else:
+        with pytest.raises(InvalidRequestError, match=r"^(input shape .* does not match|BYTES data in JSON must be)"):
+            oip.parse_infer_request(body, length, max_images=4)
+
+
 def test_an_oip_input_must_be_named_image():
     body, length = infer_body({"inputs": [{"name": "foo", "shape": [1], "datatype": "BYTES", "data": ["eA=="]}]})
     with pytest.raises(InvalidRequestError, match="""^this model's input is "image", not 'foo'$"""):
