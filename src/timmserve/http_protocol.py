@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
@@ -44,6 +45,14 @@ MAX_HEADERS = 100  # Apache's default (LimitRequestFields)
 
 class _HeadRefused(Exception):
     """Raised in a parser callback to stop parsing a request that was answered already."""
+
+
+def announces_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's head (lower-case names, as httptools and ASGI give them) says a body
+    follows it (RFC 9112, 6.3)."""
+    return any(
+        (name == b"content-length" and value.strip() != b"0") or name == b"transfer-encoding" for name, value in headers
+    )
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -113,7 +122,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._refuse(431, f"the request has {len(self.headers):,} header fields; the limit is {MAX_HEADERS}")
         elif size > MAX_HEADER_BYTES:
             self._refuse(431, f"the request line and headers are {size:,} bytes; the limit is {MAX_HEADER_BYTES:,}")
-        elif upgrade is not None and self._announces_body():
+        elif upgrade is not None and announces_body(self.headers):
             self._refuse(
                 400,
                 f"the request asks to switch to {upgrade.decode('latin-1')[:40]!r}, which this HTTP/1.1 server "
@@ -137,12 +146,6 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         upgrade = [value for name, value in self.headers if name == b"upgrade"]
         asked = b"upgrade" in (token.strip().lower() for token in connection.split(b","))
         return upgrade[-1] if asked and upgrade else None
-
-    def _announces_body(self) -> bool:
-        return any(
-            (name == b"content-length" and value.strip() != b"0") or name == b"transfer-encoding"
-            for name, value in self.headers
-        )
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

@@ -26,6 +26,7 @@ from typing import Any
 
 from timmserve import metrics
 from timmserve.errors import ClientGoneError
+from timmserve.http_protocol import announces_body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -121,7 +122,7 @@ class CloseUnreadBody:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _has_body(scope):
+        if scope["type"] != "http" or not announces_body(scope["headers"]):
             await self.app(scope, receive, send)
             return
         body_read = False
@@ -140,11 +141,6 @@ class CloseUnreadBody:
             await send(message)
 
         await self.app(scope, receive_noting_the_end, send_closing)
-
-
-def _has_body(scope: Scope) -> bool:
-    """Whether the request says a body follows its head (RFC 9112, 6.3)."""
-    return _header(scope, "Transfer-Encoding") is not None or (_header(scope, "Content-Length") or "0").strip() != "0"
 
 
 class HeadAsGet:

@@ -67,7 +67,7 @@ class PayloadLimits:
     num_classes: int  # top_k may not exceed it
     default_top_k: int
     max_images: int  # in one request: the most the server ever admits at once (--max-queue)
-    body_timeout: float | None = None  # seconds a body may stall between two reads; None: no limit
+    body_timeout: float | None = None  # seconds in which a body must bring 500 B/s (_received); None: no limit
 
     @classmethod
     def of(cls, config: ServeConfig, num_classes: int) -> PayloadLimits:
