@@ -35,6 +35,12 @@ def photos() -> dict[str, bytes]:
     return {path.stem: path.read_bytes() for path in sorted(DATA.glob("*.jpg"))}
 
 
+@pytest.fixture(scope="session")
+def field_files() -> dict[str, bytes]:
+    """file name → bytes: the field inputs in tests/data/field (tests/data/README.md says how each was made)."""
+    return {path.name: path.read_bytes() for path in sorted((DATA / "field").iterdir())}
+
+
 def _server_factory() -> tuple[Callable[..., ServerProcess], Callable[[], None]]:
     started: list[ServerProcess] = []
 

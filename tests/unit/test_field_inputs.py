@@ -30,6 +30,7 @@ from timmserve.preprocess import (
     MAX_JPEG_SCANS,
     MAX_JPEG_SEGMENTS,
     MAX_JPEG_STRAY_BYTES,
+    JpegFrame,
     Preprocessor,
     check_jpeg_markers,
     decode_image,
@@ -312,3 +313,111 @@ def test_any_oip_request_parses_or_is_a_400(header, binary):
         except (InvalidRequestError, PayloadTooLargeError):
             continue
         assert parsed.images and all(isinstance(image, bytes) for image in parsed.images)
+
+
+# JPEG variants (the second field pass): the marker walk reads the first frame's header, so a JPEG
+# Pillow cannot read says which variant it is.
+
+
+@pytest.mark.parametrize(
+    ("marker", "precision", "hierarchical", "variant"),
+    [
+        (0xC0, 8, False, None),  # baseline
+        (0xC1, 8, False, None),  # extended sequential
+        (0xC2, 8, False, None),  # progressive
+        (0xC1, 12, False, "12-bit"),
+        (0xC3, 8, False, "lossless"),
+        (0xC3, 16, False, "16-bit lossless"),
+        (0xC5, 8, False, "hierarchical"),
+        (0xC1, 8, True, "hierarchical"),  # a DHP marker before a plain frame
+        (0xC7, 8, False, "hierarchical lossless"),
+        (0xC9, 8, False, "arithmetic-coded"),
+        (0xCB, 8, False, "lossless arithmetic-coded"),
+        (0xCF, 12, False, "12-bit hierarchical lossless arithmetic-coded"),
+    ],
+)
+def test_a_jpeg_frame_names_its_variant(marker, precision, hierarchical, variant):
+    assert JpegFrame(marker, precision, hierarchical).variant == variant
+
+
+def test_the_marker_walk_reads_the_first_pictures_frame_header(photos, field_files):
+    cat = Image.open(io.BytesIO(photos["cat"]))
+    assert check_jpeg_markers(photos["cat"]) == JpegFrame(0xC0, 8, False)
+    assert check_jpeg_markers(encode(cat, "JPEG", progressive=True)) == JpegFrame(0xC2, 8, False)
+    mpo = encode(cat, "MPO", save_all=True, append_images=[cat], progressive=True)
+    assert check_jpeg_markers(mpo[:2] + b"\xff\xfe\x00\x02" + mpo[2:]) == JpegFrame(0xC2, 8, False)  # the first's
+    assert check_jpeg_markers(field_files["cat_12bit.jpg"]) == JpegFrame(0xC1, 12, False)
+    assert check_jpeg_markers(field_files["cat_lossless_gray.jpg"]) == JpegFrame(0xC3, 8, False)
+    assert check_jpeg_markers(field_files["cat_hierarchical.jpg"]) == JpegFrame(0xC1, 8, True)
+    assert check_jpeg_markers(b"\xff\xd8\xff\xd9") is None
+
+
+def with_precision(jpeg: bytes, precision: int) -> bytes:
+    """The JPEG with its frame header's sample precision byte changed (the byte after SOF's length)."""
+    at = jpeg.index(b"\xff\xc0") + 4
+    return jpeg[:at] + bytes([precision]) + jpeg[at + 1 :]
+
+
+def test_a_jpeg_variant_pillow_cannot_open_is_a_415_naming_it(photos, field_files):
+    # A valid 12-bit JPEG was a 400 "the bytes are not an image": Pillow reads 8-bit frames only.
+    with pytest.raises(UnsupportedMediaError, match=r"^12-bit JPEG \(SOF1\) is not supported; send an 8-bit JPEG"):
+        decode_image(field_files["cat_12bit.jpg"], **LIMITS)
+    with pytest.raises(UnsupportedMediaError, match=r"^16-bit JPEG \(SOF0\) is not supported"):
+        decode_image(with_precision(photos["cat"], 16), **LIMITS)  # the kind, not the one file
+    with pytest.raises(InvalidImageError, match="not an image"):  # no frame to name: not a JPEG after all
+        decode_image(b"\xff\xd8\xff\xd9", **LIMITS)
+
+
+def test_a_jpeg_variant_whose_pixels_cannot_be_decoded_is_a_400_naming_it(field_files):
+    # A hierarchical JPEG: Pillow reads its header, libjpeg has no decoder for its frames.
+    with pytest.raises(
+        InvalidImageError, match=r"^the hierarchical JPEG \(SOF1\) could not be decoded: .*send an 8-bit baseline"
+    ):
+        decode_image(field_files["cat_hierarchical.jpg"], **LIMITS)
+
+
+def test_a_reduced_decode_that_fails_falls_back_to_the_full_decode(field_files):
+    # A lossless JPEG: libjpeg-turbo decodes it at full size only; at a reduced DCT scale (768x512
+    # at 1/2) it was a 400 "corrupt or truncated".
+    lossless = field_files["cat_lossless_gray.jpg"]
+    full = decode_image(lossless, **LIMITS)
+    reduced = decode_image(lossless, **LIMITS, draft_size=(256, 256))
+    assert full.size == (768, 512) and reduced.size == (384, 256)  # the full decode, then the box filter
+    expected = np.asarray(full.reduce(2), dtype=np.float32)
+    assert np.abs(np.asarray(reduced, dtype=np.float32) - expected).max() <= 1
+    fast = Preprocessor(DATA_CONFIG, max_pixels=LIMITS["max_pixels"], fast_decode=True)(lossless)
+    slow = Preprocessor(DATA_CONFIG, max_pixels=LIMITS["max_pixels"], fast_decode=False)(lossless)
+    assert fast.shape == (3, 224, 224) and slow.shape == (3, 224, 224)
+
+
+def test_a_jpeg_whose_full_decode_fails_too_is_a_400(photos):
+    large = encode(Image.open(io.BytesIO(photos["cat"])).resize((1200, 800)), "JPEG")
+    with pytest.raises(InvalidImageError, match=r"^the JPEG data is corrupt or truncated"):
+        decode_image(large[: len(large) // 2], **LIMITS, draft_size=(256, 256))
+
+
+def bmp_pixel_offset(bmp: bytes) -> int:
+    return struct.unpack_from("<I", bmp, 10)[0]
+
+
+def test_a_bmp_whose_alpha_is_zero_everywhere_is_opaque(field_files):
+    # Many writers leave a 32-bit BMP's alpha bytes 0 under an alpha mask; viewers show it opaque.
+    # Composited onto white it was a blank page, and a confident wrong label.
+    bmp = field_files["cat_alpha0.bmp"]
+    assert Image.open(io.BytesIO(bmp)).mode == "RGBA"
+    decoded = np.asarray(decode_image(bmp, **LIMITS), dtype=np.float32)
+    opaque = np.asarray(Image.open(io.BytesIO(bmp)).convert("RGB"), dtype=np.float32)
+    assert np.array_equal(decoded, opaque)
+    assert decoded.mean() < 200  # the cat, not white
+    half = bytearray(bmp)
+    half[bmp_pixel_offset(bmp) + 3 :: 4] = b"\x80" * len(half[bmp_pixel_offset(bmp) + 3 :: 4])
+    assert np.asarray(decode_image(bytes(half), **LIMITS)).mean() > decoded.mean() + 40  # a used alpha: composited
+    reduced = np.asarray(decode_image(bmp, **LIMITS, draft_size=(64, 48)), dtype=np.float32)
+    assert abs(reduced.mean() - decoded.mean()) < 2  # dropped before the reduce, which weights by alpha
+
+
+def test_a_png_transparent_everywhere_is_still_transparent():
+    # Decided: only a BMP's zero alpha is a writer's leftover; a PNG's (or WebP's) alpha is meant.
+    for fmt in ("PNG", "WEBP"):
+        clear = encode(Image.new("RGBA", (32, 32), (200, 0, 0, 0)), fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        assert np.asarray(decode_image(clear, **LIMITS)).min() == 255, fmt  # white, as a browser shows it
