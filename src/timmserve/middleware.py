@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from timmserve import metrics
+from timmserve import metrics, oip
 from timmserve.errors import ClientGoneError
 from timmserve.http_protocol import announces_body
 
@@ -195,7 +195,8 @@ class ApiKeyAuth:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"detail": "missing or wrong API key: send it as X-API-Key or Authorization: Bearer"})
+        detail = "missing or wrong API key: send it as X-API-Key or Authorization: Bearer"
+        body = json.dumps(oip.error_body(detail) if oip.is_oip_path(scope["path"]) else {"detail": detail})
         await send(
             {
                 "type": "http.response.start",

@@ -28,6 +28,8 @@ from timmserve.errors import InvalidRequestError, PayloadTooLargeError, RequestE
 from timmserve.payload import Prediction, decimal_int, decode_base64
 
 INPUT_NAME = "image"
+# A server serves its one model as loaded: one version, in the metadata, responses and versioned URLs.
+MODEL_VERSION = "1"
 OUTPUTS = {"label": "BYTES", "probability": "FP32"}
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -43,7 +45,7 @@ class InferRequest:
 def model_metadata(name: str, top_k: int) -> dict[str, Any]:
     return {
         "name": name,
-        "versions": ["1"],
+        "versions": [MODEL_VERSION],
         "platform": "pytorch_timm",
         "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": output, "datatype": kind, "shape": [-1, top_k]} for output, kind in OUTPUTS.items()],
@@ -140,7 +142,7 @@ def infer_response(
         "label": [p.label.encode() for row in results for p in row],
         "probability": np.asarray([[p.probability for p in row] for row in results], dtype=np.float32),
     }
-    header: dict[str, Any] = {"model_name": model_name, "model_version": "1", "outputs": []}
+    header: dict[str, Any] = {"model_name": model_name, "model_version": MODEL_VERSION, "outputs": []}
     if request.request_id is not None:
         header["id"] = request.request_id
     blobs = []
@@ -163,6 +165,11 @@ def infer_response(
 
 def error_body(error: RequestError | str) -> dict[str, str]:
     return {"error": error.detail if isinstance(error, RequestError) else error}
+
+
+def is_oip_path(path: str) -> bool:
+    """Whether a request path is the protocol's (`/v2…`), whose every non-200 is `{"error": …}`."""
+    return path == "/v2" or path.startswith("/v2/")
 
 
 def _json_size(header_length: str | None, body_size: int) -> int:

@@ -213,16 +213,18 @@ _SIMPLE = {
 
 
 def document(app: FastAPI) -> None:
-    """Attach summaries, request bodies and responses to the registered routes."""
+    """Attach summaries, request bodies and responses to the registered routes (a model endpoint's
+    versioned twin, `/v2/models/{model_name}/versions/{model_version}/…`, gets the endpoint's)."""
     for route in app.router.routes:
         if not isinstance(route, APIRoute):
             continue
-        if route.path == "/predict":
+        path = route.path.replace("/versions/{model_version}", "")
+        if path == "/predict":
             _apply(route, PREDICT)
-        elif route.path == "/v2/models/{model_name}/infer":
+        elif path == "/v2/models/{model_name}/infer":
             _apply(route, INFER)
-        elif route.path in _SIMPLE:
-            summary, responses = _SIMPLE[route.path]
+        elif path in _SIMPLE:
+            summary, responses = _SIMPLE[path]
             _apply(route, {"summary": summary, "responses": responses})
     app.openapi_schema = None  # regenerate on the next request
 

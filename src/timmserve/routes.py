@@ -9,10 +9,12 @@ A request's path, top to bottom:
                        (ray_engine.py); one result per image: list[Prediction] | RequestError
     predictions_body (JSON)               oip.infer_response (JSON or binary)
 
-Answers are encoded once, here. Every RequestError, raised anywhere below a handler, becomes its
-response in one registered exception handler (KServe's pattern): `{"detail": …}` on timmserve's
-own routes, `{"error": …}` under `/v2` as the Open Inference Protocol specifies, with the error's
-status and headers. The engines differ only in the data plane and their health checks.
+Answers are encoded once, here. Every RequestError, raised anywhere below a handler, and every
+HTTP error of the framework's (404 no such route, 405 wrong method) becomes its response in one
+registered exception handler (KServe's pattern): `{"detail": …}` on timmserve's own routes,
+`{"error": …}` under `/v2` as the Open Inference Protocol specifies (tritonclient reads only that
+key), with the error's status and headers. The engines differ only in the data plane and their
+health checks.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from importlib.resources import files
 
 from fastapi import FastAPI
+from fastapi.exception_handlers import http_exception_handler
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
@@ -103,21 +107,18 @@ def add_inference_routes(app: FastAPI, service: InferenceService) -> None:
         ready = service.ready()
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
-    @app.get("/v2/models/{model_name}")
-    async def v2_model_metadata(model_name: str) -> JSONResponse:
-        _check_model_name(model_name, service)
+    async def v2_model_metadata(model_name: str, request: Request) -> JSONResponse:
+        _check_model(request, service)
         return JSONResponse(oip.model_metadata(service.model_name, service.limits.default_top_k))
 
-    @app.get("/v2/models/{model_name}/ready")
-    async def v2_model_ready(model_name: str) -> JSONResponse:
-        _check_model_name(model_name, service)
+    async def v2_model_ready(model_name: str, request: Request) -> JSONResponse:
+        _check_model(request, service)
         ready = service.ready()
         return JSONResponse({"name": model_name, "ready": ready}, status_code=200 if ready else 503)
 
-    @app.post("/v2/models/{model_name}/infer")
     async def v2_infer(model_name: str, request: Request) -> Response:
         """One OIP inference request: each of its images goes through the batcher on its own."""
-        _check_model_name(model_name, service)
+        _check_model(request, service)
         body = await read_body(request, service.limits)
         infer_request = oip.parse_infer_request(
             body, request.headers.get(oip.HEADER_LENGTH), max_images=service.limits.max_images
@@ -130,18 +131,39 @@ def add_inference_routes(app: FastAPI, service: InferenceService) -> None:
         content, headers = oip.infer_response(service.model_name, infer_request, results)
         return Response(content, headers=headers)
 
+    # Each model endpoint, also under the model's version (tritonclient's `model_version="1"`).
+    for model_path in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"):
+        app.add_api_route(model_path, v2_model_metadata, methods=["GET"])
+        app.add_api_route(f"{model_path}/ready", v2_model_ready, methods=["GET"])
+        app.add_api_route(f"{model_path}/infer", v2_infer, methods=["POST"])
 
-def _check_model_name(model_name: str, service: InferenceService) -> None:
+
+def _check_model(request: Request, service: InferenceService) -> None:
+    """404 unless the model a `/v2/models/…` path names, and its version where it names one, are served here."""
+    model_name = request.path_params["model_name"]
     if model_name != service.model_name:
         raise UnknownModelError(f"unknown model {model_name!r}; this server has {service.model_name!r}")
+    version = request.path_params.get("model_version", oip.MODEL_VERSION)
+    if version != oip.MODEL_VERSION:
+        raise UnknownModelError(
+            f"unknown version {version!r} of model {model_name!r}; this server has version {oip.MODEL_VERSION!r}"
+        )
 
 
-async def error_response(request: Request, error: Exception) -> JSONResponse:
-    """The one place a RequestError becomes a response (registered on the app for RequestError)."""
+async def error_response(request: Request, error: Exception) -> Response:
+    """The one place an error becomes a response (registered on the app for RequestError and for the
+    framework's HTTPException: no such route, wrong method)."""
+    if isinstance(error, HTTPException):
+        if not oip.is_oip_path(request.url.path):
+            return await http_exception_handler(request, error)  # FastAPI's own: {"detail": …}
+        # Its detail is the status's phrase alone ("Not Found"): say what was asked, and what is allowed.
+        allowed = (error.headers or {}).get("Allow")
+        detail = f"{error.detail}: {request.method} {request.url.path}" + (f" (allowed: {allowed})" if allowed else "")
+        return JSONResponse(oip.error_body(detail), status_code=error.status_code, headers=error.headers)
     assert isinstance(error, RequestError)
     if isinstance(error, InternalError):
         logger.error("answered 500: %s", error.detail, extra={"request_id": request_id_of(request.scope)})
-    body = oip.error_body(error) if request.url.path.startswith("/v2") else {"detail": error.detail}
+    body = oip.error_body(error) if oip.is_oip_path(request.url.path) else {"detail": error.detail}
     return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
 
@@ -174,6 +196,7 @@ def install(
     add_demo_page(app)
     openapi.document(app)
     app.add_exception_handler(RequestError, error_response)
+    app.add_exception_handler(HTTPException, error_response)
     if api_key is not None:
         app.add_middleware(ApiKeyAuth, api_key=api_key)
     if random_weights:  # random weights serve meaningless answers: every response says so, 401s too

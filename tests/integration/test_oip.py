@@ -138,3 +138,35 @@ def test_demo_page_replaces_the_plain_index(server):
     page = httpx.get(f"{server.url}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="file"' in page.text and "predict" in page.text
+
+
+def test_tritonclient_with_model_version_1_is_served(client, photos):
+    # The metadata lists version "1", and tritonclient's model_version="1" asks for
+    # /v2/models/{name}/versions/1/…: each was a 404 {"detail": "Not Found"}.
+    assert client.is_model_ready(MODEL, model_version="1")
+    assert client.get_model_metadata(MODEL, model_version="1")["versions"] == ["1"]
+    result = client.infer(MODEL, [image_input(photos["cat"])], model_version="1")
+    assert result.as_numpy("label")[0, 0].decode() in CAT_LABELS
+    assert result.get_response()["model_version"] == "1"
+
+
+@pytest.mark.parametrize("tail", ["", "/ready", "/infer"])
+def test_an_unknown_model_version_is_a_404_naming_the_versions_served(server, tail):
+    url = f"{server.url}/v2/models/{MODEL}/versions/2{tail}"
+    response = httpx.post(url, json={}) if tail == "/infer" else httpx.get(url)
+    assert response.status_code == 404
+    assert response.json() == {"error": f"unknown version '2' of model '{MODEL}'; this server has version '1'"}
+
+
+def test_the_frameworks_own_errors_under_v2_use_the_error_format(server, client):
+    # No such route, wrong method: FastAPI answered {"detail": …}, and tritonclient said only
+    # "an exception occurred in the client while decoding the response: 'error'".
+    missing = httpx.get(f"{server.url}/v2/models/{MODEL}/nope")
+    assert missing.status_code == 404 and missing.json() == {"error": f"Not Found: GET /v2/models/{MODEL}/nope"}
+    wrong = httpx.get(f"{server.url}/v2/models/{MODEL}/infer")
+    assert wrong.status_code == 405 and wrong.headers["Allow"] == "POST"
+    assert wrong.json() == {"error": f"Method Not Allowed: GET /v2/models/{MODEL}/infer (allowed: POST)"}
+    with pytest.raises(triton.InferenceServerException, match="Not Found: GET /v2/models/.*/stats"):
+        client.get_inference_statistics(MODEL)  # an extension this server does not have
+    outside = httpx.get(f"{server.url}/nope")  # timmserve's own routes keep {"detail": …}
+    assert outside.status_code == 404 and outside.json() == {"detail": "Not Found"}

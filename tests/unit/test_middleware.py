@@ -54,6 +54,12 @@ def test_the_key_is_required_except_on_open_paths(client):
     assert client.get("/metrics", headers={"Authorization": "bearer k3y"}).status_code == 200
 
 
+def test_the_key_refusal_under_v2_uses_the_protocols_error_format(client):
+    # Every non-200 under /v2 is {"error": …}: tritonclient reads only that key (the 401 was {"detail"}).
+    response = client.get("/v2/models/m/ready")
+    assert response.status_code == 401 and "API key" in response.json()["error"]
+
+
 def test_request_id_is_kept_when_sane_and_made_when_not(client):
     headers = {"X-API-Key": "k3y"}
     kept = client.get("/predict", headers={**headers, "X-Request-ID": "abc-123"})
