@@ -23,6 +23,11 @@ uvicorn handed the application an empty body and took the body's bytes for a nex
 a body the upgrade is ignored (RFC 9110, 7.8); the server runs with `ws="none"`, so no request
 leaves HTTP/1.1 (and these bounds) for uvicorn's WebSocket protocol.
 
+A request target in absolute form with an empty path (`GET http://host:8000 HTTP/1.1`, or
+`http://host:8000?x=1`) means the path "/" (RFC 9112, 3.2.2): it is served as "/" (uvicorn read
+the target's path, found none, and answered its plain-text 400); one with a path is served at that
+path, as uvicorn does.
+
 One more thing uvicorn leaves out: when a client closes a connection, uvicorn tells only its
 newest request. A client that pipelines a second request behind the first and leaves would keep
 the first one waiting for an answer nobody reads (its admission slot held, its images classified);
@@ -37,6 +42,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 MAX_HEADER_BYTES = 32 * 1024  # nginx's default: 4 buffers of 8 KiB
@@ -53,6 +59,21 @@ def announces_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return any(
         (name == b"content-length" and value.strip() != b"0") or name == b"transfer-encoding" for name, value in headers
     )
+
+
+def with_root_path(target: bytes) -> bytes:
+    """The request target with the path "/" where it is in absolute form with an empty path
+    (`http://host:port`, `http://host:port?x=1`: RFC 9112, 3.2.2); any other target as it is."""
+    if target.startswith(b"/"):  # origin form, nearly every request
+        return target
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        return target  # uvicorn answers it as before
+    if url.schema is None or url.path is not None:
+        return target
+    end = min((at for at in (target.find(b"?"), target.find(b"#")) if at >= 0), default=len(target))
+    return target[:end] + b"/" + target[end:]
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -129,6 +150,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 "does not speak, and its body would be lost: send it without Upgrade (curl: --http1.1)",
             )
         else:
+            self.url = with_root_path(self.url)
             super().on_headers_complete()  # starts the application, or queues it behind the one running
             self._in_body, self._bytes_without_body = True, 0
             self._cycles = [cycle for cycle in self._cycles if not cycle.response_complete]

@@ -16,7 +16,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from tests.conftest import free_port
-from timmserve.http_protocol import MAX_HEADER_BYTES, MAX_HEADERS, limited_protocol
+from timmserve.http_protocol import MAX_HEADER_BYTES, MAX_HEADERS, limited_protocol, with_root_path
 
 TIMEOUT = 1.0  # the server's client_timeout, in seconds
 SLACK = 2.0  # how much later than due an answer may come on a busy machine
@@ -216,3 +216,27 @@ def test_a_chunked_body_with_small_trailers_is_served(port):
     trailers = b"".join(b"X-T%d: v\r\n" % i for i in range(20))
     response, _ = exchange(port, CHUNKED_HEAD + b"3\r\nabc\r\n2\r\nde\r\n0\r\n" + trailers + b"\r\n", SLACK)
     assert status_of(response) == 200 and response.endswith(b"\r\n\r\n5")
+
+
+@pytest.mark.parametrize(
+    ("target", "served"),
+    [
+        (b"http://127.0.0.1:8000", b"http://127.0.0.1:8000/"),
+        (b"http://127.0.0.1:8000?x=1", b"http://127.0.0.1:8000/?x=1"),
+        (b"http://user@host?x=1", b"http://user@host/?x=1"),
+        (b"http://127.0.0.1:8000/", b"http://127.0.0.1:8000/"),
+        (b"http://host/health?x=1", b"http://host/health?x=1"),
+        (b"/health?x=1", b"/health?x=1"),
+        (b"*", b"*"),
+    ],
+)
+def test_an_absolute_form_target_with_an_empty_path_means_the_root(target, served):
+    assert with_root_path(target) == served
+
+
+@pytest.mark.parametrize("query", ["", "?x=1"])
+def test_an_absolute_form_request_with_an_empty_path_is_served_as_the_root(port, query):
+    # RFC 9112, 3.2.2: was uvicorn's plain-text 400 "Invalid HTTP request received."
+    head = f"GET http://127.0.0.1:{port}{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    response, _ = exchange(port, head)
+    assert status_of(response) == 200 and response.endswith(b"\r\n\r\nok"), response
