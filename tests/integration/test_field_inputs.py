@@ -1,10 +1,13 @@
 """Field inputs against a real server (issue 14): a bad image batched with good ones costs only its
-own request; a phone's MPO is served; an OIP request is checked by type and by the queue's size."""
+own request; a phone's MPO is served; an OIP request is checked by type and by the queue's size;
+JPEG variants, a BMP's unused alpha and an absolute-form target with an empty path are answered
+as a user expects."""
 
 from __future__ import annotations
 
 import base64
 import io
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -73,3 +76,52 @@ def test_an_oip_request_larger_than_the_queue_is_a_413_naming_the_limit(server):
     header["inputs"][0]["shape"] = [MAX_QUEUE]
     header["inputs"][0]["data"] = data[:MAX_QUEUE]
     assert infer(server, header).status_code == 200
+
+
+# The second field pass: real files (tests/data/field, README there) and a request target.
+
+
+def predict(server, data: bytes) -> httpx.Response:
+    return httpx.post(f"{server.url}/predict", content=data, headers=RAW, timeout=60)
+
+
+def test_a_12_bit_jpeg_is_a_415_naming_the_variant(server, field_files):
+    response = predict(server, field_files["cat_12bit.jpg"])
+    assert response.status_code == 415, response.text  # was 400 "the bytes are not an image"
+    assert response.json()["detail"].startswith("12-bit JPEG (SOF1) is not supported; send an 8-bit JPEG")
+
+
+def test_a_hierarchical_jpeg_is_a_400_naming_the_variant(server, field_files):
+    response = predict(server, field_files["cat_hierarchical.jpg"])
+    assert response.status_code == 400 and "the hierarchical JPEG (SOF1) could not be decoded" in response.text
+
+
+def test_a_lossless_jpeg_too_large_for_a_reduced_decode_gets_the_photos_label(server, field_files, photos):
+    # 768x512: fast decode's 1/2 scale fails for lossless JPEG (was 400 "corrupt or truncated").
+    response = predict(server, field_files["cat_lossless_gray.jpg"])
+    assert response.status_code == 200, response.text
+    source = predict(server, photos["cat"]).json()["predictions"][0]["label"]
+    assert response.json()["predictions"][0]["label"] == source  # the photo it was made from
+    assert source in CAT_LABELS
+
+
+def test_a_bmp_whose_alpha_is_zero_everywhere_is_classified_opaque(server, field_files):
+    # Composited onto white it was a blank page: 200 "nematode" at 1 %.
+    response = predict(server, field_files["cat_alpha0.bmp"])
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["label"] in CAT_LABELS
+
+
+@pytest.mark.parametrize("query", ["", "?x=1"])
+def test_an_absolute_form_target_with_an_empty_path_is_served_as_the_root(server, query):
+    # `GET http://127.0.0.1:PORT HTTP/1.1` means "/" (RFC 9112, 3.2.2): was uvicorn's plain-text 400.
+    authority = server.url.removeprefix("http://")
+    host, port = authority.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        head = f"GET http://{authority}{query} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+        sock.sendall(head.encode())
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 200 "), response[:200]
+    assert b'id="file"' in response  # the demo page, as GET / answers
