@@ -418,6 +418,6 @@ def test_a_bmp_whose_alpha_is_zero_everywhere_is_opaque(field_files):
 
 def test_a_png_transparent_everywhere_is_still_transparent():
     # Decided: only a BMP's zero alpha is a writer's leftover; a PNG's (or WebP's) alpha is meant.
-    for fmt in ("PNG", "WEBP"):
-        clear = encode(Image.new("RGBA", (32, 32), (200, 0, 0, 0)), fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    for fmt, options in (("PNG", {}), ("WEBP", {"lossless": True})):
+        clear = encode(Image.new("RGBA", (32, 32), (200, 0, 0, 0)), fmt, **options)
         assert np.asarray(decode_image(clear, **LIMITS)).min() == 255, fmt  # white, as a browser shows it
