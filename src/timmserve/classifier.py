@@ -262,11 +262,18 @@ def resolve_auto(config: ServeConfig, loaded: LoadedModel, device: torch.device)
     return config.replace(backend=decision["backend"], precision=decision["precision"]), built
 
 
+def needs_preparing(config: ServeConfig) -> bool:
+    """Whether `prepare_backend` has work: `auto` to resolve or an artifact to export."""
+    return "auto" in (config.backend, config.precision) or config.backend not in ("eager", "compile")
+
+
 def prepare_backend(config: ServeConfig, loaded: LoadedModel, device: torch.device) -> ServeConfig:
-    """Run once in the main process, before any worker starts: resolve `auto` (backend and
-    precision) and export the backend's artifact into the cache (and prove it runs), so every
-    worker only loads it; the config returned names what the workers build. `auto` is timed with
-    the workers' own thread count (`config.torch_threads`, resolved by machine.resolve_machine)."""
+    """Run once before any worker starts (startup.prepare runs it in a child process): resolve
+    `auto` (backend and precision) and export the backend's artifact into the cache (and prove it
+    runs), so every worker only loads it; the config returned names what the workers build. `auto`
+    is timed with the workers' own thread count (`config.torch_threads`, machine.resolve_machine)."""
+    if not needs_preparing(config):
+        return config
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)  # measure as a worker runs
     built = False

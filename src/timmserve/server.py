@@ -35,6 +35,7 @@ from timmserve.inline import InlineLane
 from timmserve.logs import configure_logging
 from timmserve.payload import PayloadLimits
 from timmserve.startup import oip_model_name, prepare
+from timmserve.supervision import exit_with_parent
 from timmserve.transport import Endpoints, stop_workers
 from timmserve.worker import ClassifierAPI
 
@@ -241,16 +242,18 @@ def stop_on_signals() -> None:
     """SIGTERM and SIGINT raise KeyboardInterrupt in this process, so `finally` blocks and context
     managers clean up. SIGINT is set too because a shell starts background jobs with SIGINT
     ignored. Forked children (LitServe's manager and API servers) ignore both: the API servers'
-    uvicorn installs its own graceful handlers, and the manager must outlive the drain."""
+    uvicorn installs its own graceful handlers, and the manager must outlive the drain. They exit
+    if this process dies without its drain (supervision.exit_with_parent)."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _raise_keyboard_interrupt)
-    os.register_at_fork(after_in_child=_ignore_stop_signals)
+    os.register_at_fork(after_in_child=_forked_child)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _ignore_stop_signals() -> None:
+def _forked_child() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent()

@@ -4,7 +4,9 @@
 with the settings, the model, its weights or its labels is one clear error at once. It resolves
 what the config left to the machine — the accelerator, the device count, the threads per worker —
 into the config it returns, so that every later step (the backend's `auto` timing, the workers,
-Ray's replica count and CPU shares, the queue limit) uses the same numbers.
+Ray's replica count and CPU shares, the queue limit) uses the same numbers. The backend's own step
+(export, `auto`'s trials) runs in a child process (supervision.run_in_child): the main process, the
+supervisor that forks the API servers and handles the stop signals, never starts a runtime's threads.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from typing import Any
 import torch
 
 from timmserve.backends import check_supported
-from timmserve.classifier import prepare_backend
+from timmserve.classifier import needs_preparing, prepare_backend
 from timmserve.config import ServeConfig
 from timmserve.labels import load_labels
+from timmserve.logs import configure_logging
 from timmserve.machine import describe, resolve_machine
 from timmserve.model import ModelInfo, load_model
+from timmserve.supervision import run_in_child
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +46,26 @@ class Prepared:
 
 
 def prepare(config: ServeConfig) -> Prepared:
-    """Resolve the machine, load the model and labels once, and prepare the backend (`auto`
-    resolved, artifacts exported into the cache so workers only load them). Raises ConfigError or
-    ModelLoadError for anything wrong with the settings, the model, its weights or its labels."""
+    """Resolve the machine, load the model and labels once, and prepare the backend in a child
+    process (`auto` resolved, artifacts exported into the cache so workers only load them). Raises
+    ConfigError or ModelLoadError for anything wrong with the settings, the model, its weights or
+    its labels."""
     config = resolve_machine(config)
     device = torch.device(config.accelerator)
     check_supported(config.backend, device, config.precision)
     loaded = load_model(config)  # the workers load their own copy
     labels = load_labels(loaded.info.num_classes, label_file=config.labels, model_label_names=loaded.info.label_names)
-    config = prepare_backend(config, loaded, device)
+    if needs_preparing(config):
+        config = run_in_child("preparing the backend", _prepare_backend, config)
     logger.info("serving %s: %s", loaded.info.name, describe(config))
     metadata: dict[str, Any] = {**loaded.info.as_dict(), "labels": len(labels), "config": config.as_dict()}
     return Prepared(config=config, info=loaded.info, labels=labels, metadata=metadata)
+
+
+def _prepare_backend(config: ServeConfig) -> ServeConfig:
+    """classifier.prepare_backend in the child process: it loads its own copy of the model."""
+    configure_logging(config.log_level, config.log_format)
+    return prepare_backend(config, load_model(config), torch.device(config.accelerator))
 
 
 def oip_model_name(info: ModelInfo) -> str:

@@ -29,6 +29,7 @@ from timmserve.config import ServeConfig
 from timmserve.frontend import QueueFrontend
 from timmserve.inference import AdmittedImage, StagedBatch, classify_admitted, decode_admitted, finish_admitted
 from timmserve.logs import configure_logging
+from timmserve.supervision import exit_with_parent
 from timmserve.transport import Answer, Delivery, Endpoints, Stopped, WorkerEnd
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class ClassifierAPI(ls.LitAPI):
         # the API servers first and stops the workers after, so a worker must not die of it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        exit_with_parent()  # but not outlive a main process that died without its drain
         self.classifier = start_worker_classifier(config, self.labels, torch.device(device))
         load_seconds = time.monotonic() - started
         metrics.worker_metrics().model_load.set(load_seconds)

@@ -144,6 +144,47 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(start_server
     assert "draining in-flight requests" in log and "stopped" in log
 
 
+# (signal, to the whole group?, backend): `auto` times its trials (about a minute here), a pinned
+# exported backend only exports; both start a runtime's threads before the workers.
+FIRST_STOPS = [
+    (signal.SIGTERM, False, "auto"), (signal.SIGINT, True, "auto"),
+    (signal.SIGTERM, True, "onnxruntime"), (signal.SIGINT, False, "onnxruntime"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("signum", "to_group", "backend"),
+    FIRST_STOPS,
+    ids=[f"{s.name} to the {'group' if g else 'main process'}, {b}" for s, g, b in FIRST_STOPS],
+)
+def test_a_first_start_stops_cleanly(start_server, photos, tmp_path, signum, to_group, backend):
+    """A first start (empty cache: the backend exported, `auto`'s trials timed) drains and exits 0
+    like a second one. Those runtimes' threads in the main process made it die of SIGSEGV on every
+    stop signal (Zen 4) and orphaned its children: they now run in a child process, so the main
+    process never even maps a runtime's library."""
+    server = start_server(*SMALL_MODEL, "--cache-dir", str(tmp_path), "--backend", backend, "--log-level", "info")
+    assert list(tmp_path.glob("onnxruntime-*.onnx"))  # this start exported (and `auto` chose from trials)
+    runtimes = {m.path for m in psutil.Process(server.pid).memory_maps() if re.search("onnxruntime|openvino", m.path)}
+    assert not runtimes, runtimes
+    assert predict(server.url, photos["cat"]).status_code == 200
+    (os.killpg if to_group else os.kill)(server.pid, signum)
+    assert server.process.wait(timeout=30) == 0
+    assert wait_for(lambda: not session_processes(server.pid), timeout=10), session_processes(server.pid)
+    assert _connection_refused(server.port)
+
+
+def test_no_process_outlives_a_main_process_that_dies(start_server, photos):
+    """Killed without its drain (SIGKILL, a crash), the main process leaves no child behind: the
+    manager, the API servers and the workers each notice and exit, and the port is free."""
+    server = start_server(*SMALL_MODEL)
+    assert predict(server.url, photos["cat"]).status_code == 200
+    assert len(session_processes(server.pid)) >= 5  # main, manager, 2 API servers, 2 workers, resource tracker
+    os.kill(server.pid, signal.SIGKILL)
+    server.process.wait(timeout=10)
+    assert wait_for(lambda: not session_processes(server.pid), timeout=10), session_processes(server.pid)
+    assert _connection_refused(server.port)
+
+
 def test_sigterm_answers_or_refuses_every_request(keyed_server, photos):
     answered_or_refused_while_draining(keyed_server, photos, WITH_KEY)
 
