@@ -116,8 +116,8 @@ def test_option_help_types_and_defaults_come_from_the_schema():
     assert concurrency.type.convert("1,8", None, None) == (1, 8)
 
 
-def test_the_readmes_settings_table_names_every_serve_option():
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
+def test_the_settings_reference_names_every_serve_option():
+    readme = (Path(__file__).parents[2] / "docs/settings.md").read_text()
     table = readme[readme.index("| setting | default | meaning |") :].split("\n\n")[0]
     documented = set(re.findall(r"--[a-z][a-z-]*", table)) | {"--config"}  # --config: in the text above
     assert {opt for param in serve.params for opt in param.opts + param.secondary_opts} <= documented
