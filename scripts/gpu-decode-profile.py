@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from torchvision.io import decode_jpeg
 
-from timmserve.classifier import build_classifier
-from timmserve.config import ServeConfig
-from timmserve.labels import load_labels
-from timmserve.payload import ImageRequest
-from timmserve.preprocess import DeviceJpegDecoder, open_checked
+from timmserve.model.classifier import build_classifier
+from timmserve.model.decode import open_checked
+from timmserve.model.labels import load_labels
+from timmserve.model.preprocess import DeviceJpegDecoder
+from timmserve.model.types import ImageRequest
+from timmserve.settings.config import ServeConfig
 
 CAT = Path(__file__).resolve().parent.parent / "tests" / "data" / "cat.jpg"
 

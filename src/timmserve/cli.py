@@ -18,9 +18,9 @@ from click.core import ParameterSource
 
 from timmserve.bench.config import MODEL_SETTINGS, QUICK, BenchConfig
 from timmserve.client import DEFAULT_URL
-from timmserve.config import ServeConfig, parse_setting, read_api_key, read_config_file
 from timmserve.errors import ConfigError, TimmServeError
-from timmserve.options import options
+from timmserve.settings.config import ServeConfig, parse_setting, read_api_key, read_config_file
+from timmserve.settings.options import options
 
 # BenchConfig's settings that are bench options; the others only a config file sets.
 BENCH_OPTIONS = (
@@ -59,14 +59,14 @@ def serve(ctx: click.Context, config_file: Path | None, **settings: Any) -> None
     config = _serve_config(ctx, config_file, settings)
     if config.engine == "ray":
         try:
-            from timmserve.ray_engine import run_ray_server  # heavy: torch, timm, ray
+            from timmserve.engines.ray import run_ray_server  # heavy: torch, timm, ray
         except ModuleNotFoundError as exc:
             if exc.name != "ray":
                 raise
             raise ConfigError("--engine ray needs Ray Serve: pip install 'timmserve[ray]'") from None
         run_ray_server(config)
         return
-    from timmserve.server import run_server  # heavy: torch, timm, litserve
+    from timmserve.engines.litserve.server import run_server  # heavy: torch, timm, litserve
 
     run_server(config)
 
@@ -141,7 +141,7 @@ def bench(ctx: click.Context, config_file: Path | None, knobs: tuple[str, ...], 
     config = _bench_config(ctx, config_file, knobs, quick, settings)  # a bad setting fails before torch loads
     from timmserve.bench.ladder import run_bench  # heavy: torch, timm
     from timmserve.bench.report import render, write_results
-    from timmserve.server import stop_on_signals
+    from timmserve.supervision import stop_on_signals
 
     stop_on_signals()  # an interrupted bench still stops the server it started
     results = run_bench(config, progress=not no_progress, log=lambda line: click.echo(line, err=True))

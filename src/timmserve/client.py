@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 
 from timmserve.errors import ClientError
-from timmserve.payload import Prediction
+from timmserve.model.types import Prediction
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 

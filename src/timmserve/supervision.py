@@ -10,6 +10,8 @@ outlives the process that started it.
 - `exit_with_parent()` makes the calling process exit once its parent has gone: the supervisor's
   drain stops every child it started, and a supervisor that dies without one (killed, crashed) no
   longer leaves workers and API servers holding memory and the port for ever.
+- `stop_on_signals()` turns SIGTERM and SIGINT into the supervisor's drain, and makes every child it
+  forks leave the stop signals to it.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from types import FrameType
 from typing import Any, TypeVar
 
 from timmserve.errors import ModelLoadError, TimmServeError
@@ -93,3 +97,24 @@ def exit_with_parent() -> None:
         os._exit(ORPHAN_EXIT_CODE)
 
     threading.Thread(target=watch, name="timmserve-parent-watch", daemon=True).start()
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT raise KeyboardInterrupt in this process, so `finally` blocks and context
+    managers clean up. SIGINT is set too because a shell starts background jobs with SIGINT
+    ignored. Forked children (LitServe's manager and API servers) ignore both: the API servers'
+    uvicorn installs its own graceful handlers, and the manager must outlive the drain. They exit
+    if this process dies without its drain (`exit_with_parent`)."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _raise_keyboard_interrupt)
+    os.register_at_fork(after_in_child=_forked_child)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _forked_child() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent()

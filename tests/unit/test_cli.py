@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from tests.conftest import DATA, free_port
 from timmserve.bench.config import BenchConfig
 from timmserve.cli import _bench_config, _serve_config, bench, cli, serve
-from timmserve.config import ServeConfig
 from timmserve.errors import ConfigError
+from timmserve.settings.config import ServeConfig
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from timmserve.classifier import Classifier
-from timmserve.payload import ImageRequest
+from timmserve.model.classifier import Classifier
+from timmserve.model.types import ImageRequest
 
 
 def measure_ceilings(

@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from timmserve.config import ServeConfig
-from timmserve.settings import AnyPath, ListOf, Settings, check, setting
+from timmserve.settings.config import ServeConfig
+from timmserve.settings.schema import AnyPath, ListOf, Settings, check, setting
 
 LADDER: tuple[str, ...] = (
     "baseline",

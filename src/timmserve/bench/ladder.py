@@ -9,16 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from timmserve import photos
 from timmserve.bench.aggregate import add_efficiency, aggregate_rung
 from timmserve.bench.config import BenchConfig
 from timmserve.bench.load import measure_client_capacity
 from timmserve.bench.machine import environment
 from timmserve.bench.runner import Runner
 from timmserve.errors import ConfigError
-from timmserve.labels import load_labels
-from timmserve.machine import resolve_accelerator
-from timmserve.model import ModelInfo, load_model
+from timmserve.model import photos
+from timmserve.model.factory import ModelInfo, load_model
+from timmserve.model.labels import load_labels
+from timmserve.settings.machine import resolve_accelerator
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 

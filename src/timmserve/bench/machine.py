@@ -10,7 +10,7 @@ from typing import Any
 import psutil
 import torch
 
-from timmserve.machine import cpu_features, cpu_name
+from timmserve.settings.machine import cpu_features, cpu_name
 
 
 def environment(accelerator: str) -> dict[str, Any]:

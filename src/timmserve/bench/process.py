@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 
-from timmserve.config import ServeConfig
 from timmserve.errors import TimmServeError
+from timmserve.settings.config import ServeConfig
 
 # What `python -m` runs: the server, or the `reference` rung's naive one (bench/reference.py).
 SERVE = ("timmserve", "serve")

@@ -27,13 +27,14 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 
-from timmserve import routes
-from timmserve.classifier import Result, start_worker_classifier
-from timmserve.config import ServeConfig
+from timmserve.http import routes
+from timmserve.http.payload import PayloadLimits
 from timmserve.logs import configure_logging
-from timmserve.options import options
-from timmserve.payload import ImageRequest, PayloadLimits
-from timmserve.startup import Prepared, oip_model_name, prepare
+from timmserve.model.classifier import Result, start_worker_classifier
+from timmserve.model.prepare import Prepared, oip_model_name, prepare
+from timmserve.model.types import ImageRequest
+from timmserve.settings.config import ServeConfig
+from timmserve.settings.options import options
 
 # The folder the workers start from: prepared.pickle, written before they start, and a ready-PID
 # file from each worker once its model is loaded.

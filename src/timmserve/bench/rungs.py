@@ -24,8 +24,8 @@ import psutil
 
 from timmserve.bench.config import BenchConfig
 from timmserve.bench.machine import cpu_features
-from timmserve.config import ServeConfig
 from timmserve.errors import ConfigError
+from timmserve.settings.config import ServeConfig
 
 BASELINE = "baseline"
 BEST = "best"
@@ -58,7 +58,7 @@ def built_in_rungs(accelerator: str) -> dict[str, dict[str, Any]]:
         "backend": {"backend": "auto"},
         "decode": {"decode_threads": min(4, psutil.cpu_count() or 1), "fast_decode": True},
         # The batch's JPEGs decoded by nvJPEG on the GPU and resized there (CUDA only). Not a rung:
-        # --overlap, measured slower on an H200 at every level (README "On a GPU"); a config file's
+        # --overlap, measured slower on an H200 at every level (docs/gpu.md); a config file's
         # [rungs.NAME] table measures it.
         GPU_DECODE: {"gpu_decode": True},
         # An engine, not an optimisation: the knobs of the rungs before it, served by Ray Serve, so

@@ -21,19 +21,19 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from timmserve import machine
-from timmserve.backends import agreement, probability_tolerance
 from timmserve.bench.ceiling import measure_ceilings
 from timmserve.bench.config import BenchConfig
 from timmserve.bench.load import LoadSpec, run_level
 from timmserve.bench.monitor import Monitor
 from timmserve.bench.process import REFERENCE_SERVER, SERVE, ServerProcess
 from timmserve.bench.rungs import BEST, REFERENCE, Ladder
-from timmserve.classifier import Classifier, build_classifier, resolve_auto
-from timmserve.config import ServeConfig
-from timmserve.model import load_model
-from timmserve.photos import reference_photos
-from timmserve.startup import prepare
+from timmserve.model.backends import agreement, probability_tolerance
+from timmserve.model.classifier import Classifier, build_classifier, resolve_auto
+from timmserve.model.factory import load_model
+from timmserve.model.photos import reference_photos
+from timmserve.model.prepare import prepare
+from timmserve.settings import machine
+from timmserve.settings.config import ServeConfig
 
 
 @dataclass

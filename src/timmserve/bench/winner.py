@@ -16,8 +16,8 @@ from typing import Any
 from timmserve.bench.aggregate import flags
 from timmserve.bench.config import MODEL_SETTINGS
 from timmserve.bench.rungs import BEST, REFERENCE
-from timmserve.config import ServeConfig
 from timmserve.errors import TimmServeError
+from timmserve.settings.config import ServeConfig
 
 
 def write_winner(results: dict[str, Any], path: Path) -> str:
