@@ -41,6 +41,9 @@ from timmserve.settings.options import options
 STATE_ENV = "TIMMSERVE_REFERENCE_STATE"
 
 
+WORKER_HEALTHCHECK_S = 120.0
+
+
 @click.command()
 @options(ServeConfig)
 def main(**settings: Any) -> None:
@@ -61,6 +64,9 @@ def main(**settings: Any) -> None:
             log_level=config.log_level,
             log_config=log_config,
             access_log=False,
+            # uvicorn kills a worker that misses its 5 s ping; a worker importing torch and loading
+            # the model misses it on a busy machine, and was killed and restarted for ever.
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
         )
 
 
