@@ -7,6 +7,7 @@
     └── RequestError                one request gets no answer; carries the HTTP status it maps to
         ├── InvalidRequestError     400: malformed body, missing field, bad top_k
         ├── InvalidImageError       400: the bytes are not a decodable image
+        ├── UnauthorizedError       401: the API key is missing or wrong
         ├── PayloadTooLargeError    413: body or pixel count over the limit
         ├── RequestTimeoutError     408: the client stopped sending its body (the connection is closed)
         ├── UnknownModelError       404: no model of that name (Open Inference Protocol URLs)
@@ -68,6 +69,10 @@ class RequestError(TimmServeError):
 
 class InvalidRequestError(RequestError):
     status_code = 400
+
+
+class UnauthorizedError(RequestError):
+    status_code = 401
 
 
 class InvalidImageError(RequestError):

@@ -24,7 +24,6 @@ from typing import Any
 import click
 import uvicorn
 from fastapi import FastAPI
-from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 
 from timmserve.http import routes
@@ -83,7 +82,7 @@ def create_app() -> FastAPI:
     def ready() -> bool:
         return len(list(state.glob("ready-*"))) >= config.workers_per_device
 
-    async def classify(images: Sequence[ImageRequest], request: Request) -> list[Result]:
+    async def classify(images: Sequence[ImageRequest], call: routes.Call) -> list[Result]:
         # The naive design: the model runs in the handler and holds this worker's event loop, so
         # each worker serves one request at a time.
         return classifier.classify(images)

@@ -46,8 +46,9 @@ from starlette.responses import JSONResponse, PlainTextResponse
 
 from timmserve.errors import AnswerTimeoutError, ConfigError, ModelLoadError, PayloadTooLargeError, UnavailableError
 from timmserve.http import metrics, routes
-from timmserve.http.middleware import ASGIApp, Receive, ResponseHeaders, Scope, Send, request_id_of
+from timmserve.http.middleware import ASGIApp, Receive, ResponseHeaders, Scope, Send
 from timmserve.http.payload import PayloadLimits
+from timmserve.http.routes import Call
 from timmserve.logs import configure_logging
 from timmserve.model.classifier import Result, start_worker_classifier
 from timmserve.model.prepare import Prepared, oip_model_name, prepare
@@ -65,6 +66,7 @@ UNSUPPORTED = {
     "api_servers": "Ray Serve runs one HTTP proxy per node",
     "inline": "a replica is its own process behind Ray's proxy, so every request makes that hop",
     "overlap": "Ray Serve's batcher runs one function per batch",
+    "grpc_port": "Ray Serve's gRPC proxy serves its own service definitions, not the inference protocol's",
 }
 
 
@@ -211,14 +213,14 @@ class ClassifierReplica:
             await asyncio.sleep(0.05)
         await signal.finished.remote()
 
-    async def classify(self, images: Sequence[ImageRequest], request: Request) -> list[Result]:
+    async def classify(self, images: Sequence[ImageRequest], call: Call) -> list[Result]:
         """routes.Classify: each image through the replica's batcher, concurrently, within the
         request timeout (504; the images not yet in a batch leave the batcher's queue). A request
         with more images than --max-queue is refused as the LitServe engine refuses it (413)."""
         limit = self.prepared.config.queue_limit()
         if len(images) > limit:
             raise PayloadTooLargeError.too_many_images(len(images), limit)
-        request_id = request_id_of(request.scope)
+        request_id = call.request_id
         received = [ReceivedImage(image, request_id, time.monotonic()) for image in images]
         in_flight = metrics.load_metrics().in_flight
         in_flight.inc(len(received))

@@ -1,5 +1,6 @@
 """The Open Inference Protocol (KServe v2, REST) for an image classifier: request decoding and
-response encoding, as plain functions; the endpoints live in routes.py.
+response encoding, as plain functions; the endpoints live in routes.py, and grpc.py serves the same
+checks (`check_input`, `check_output`) and tensors (`output_values`, `serialize`) over gRPC.
 
 Model: one input, `image`, BYTES, shape [n] — encoded image files (base64 strings in JSON, as
 KServe's examples send them, or raw bytes in the binary tensor extension that Triton's clients
@@ -33,6 +34,7 @@ INPUT_NAME = "image"
 MODEL_VERSION = "1"
 OUTPUTS = {"label": "BYTES", "probability": "FP32"}
 HEADER_LENGTH = "Inference-Header-Content-Length"
+ONE_INPUT = f'this model takes exactly one input, "{INPUT_NAME}" (BYTES, shape [n])'
 
 
 @dataclass(frozen=True)
@@ -106,23 +108,32 @@ def parse_infer_request(body: bytes, header_length: str | None, *, max_images: i
     except ValidationError as exc:
         raise InvalidRequestError(_first_problem(exc)) from None
     if len(header.inputs) != 1:
-        raise InvalidRequestError(f'this model takes exactly one input, "{INPUT_NAME}" (BYTES, shape [n])')
+        raise InvalidRequestError(ONE_INPUT)
     tensor = header.inputs[0]
-    if tensor.name != INPUT_NAME:
-        raise InvalidRequestError(f'this model\'s input is "{INPUT_NAME}", not {tensor.name!r:.60}')
-    if tensor.datatype != "BYTES":
-        raise InvalidRequestError(f'input "{tensor.name}" must have datatype BYTES (encoded image files)')
-    count = math.prod(tensor.shape)  # Python's ints: a client's 2**64 does not overflow
-    if count > max_images:
-        raise PayloadTooLargeError.too_many_images(count, max_images)
-    if count == 0:
-        raise InvalidRequestError(f"input shape {tensor.shape} holds no image")
+    count = check_input(tensor.name, tensor.datatype, tensor.shape, max_images=max_images)
     return InferRequest(
         images=_input_elements(tensor, body[json_size:], count),
         top_k=header.parameters.top_k,
         request_id=header.id,
         outputs=_requested_outputs(header.outputs, header.parameters.binary_data_output),
     )
+
+
+def check_input(name: str, datatype: str, shape: list[int], *, max_images: int) -> int:
+    """The number of images an input of this name, datatype and shape holds, checked as every
+    transport checks it: InvalidRequestError (400) for another name or datatype, or no image;
+    PayloadTooLargeError (413) for more than `max_images` (in Python's ints: a client's 2**64 does
+    not overflow)."""
+    if name != INPUT_NAME:
+        raise InvalidRequestError(f'this model\'s input is "{INPUT_NAME}", not {name!r:.60}')
+    if datatype != "BYTES":
+        raise InvalidRequestError(f'input "{name}" must have datatype BYTES (encoded image files)')
+    count = math.prod(shape)
+    if count > max_images:
+        raise PayloadTooLargeError.too_many_images(count, max_images)
+    if count == 0:
+        raise InvalidRequestError(f"input shape {list(shape)} holds no image")
+    return count
 
 
 def _first_problem(error: ValidationError) -> str:
@@ -139,10 +150,7 @@ def infer_response(
 ) -> tuple[bytes, dict[str, str]]:
     """The response body and headers for one result (top-k predictions) per image."""
     k = len(results[0])
-    tensors = {
-        "label": [p.label.encode() for row in results for p in row],
-        "probability": np.asarray([[p.probability for p in row] for row in results], dtype=np.float32),
-    }
+    tensors = output_values(results)
     header: dict[str, Any] = {"model_name": model_name, "model_version": MODEL_VERSION, "outputs": []}
     if request.request_id is not None:
         header["id"] = request.request_id
@@ -150,7 +158,7 @@ def infer_response(
     for name, binary in request.outputs.items():
         output: dict[str, Any] = {"name": name, "datatype": OUTPUTS[name], "shape": [len(results), k]}
         if binary:
-            blob = _serialize(tensors[name])
+            blob = serialize(tensors[name])
             output["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif name == "label":
@@ -162,6 +170,22 @@ def infer_response(
     if not blobs:
         return head, {"Content-Type": "application/json"}
     return head + b"".join(blobs), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+
+
+def output_values(results: list[list[Prediction]]) -> dict[str, list[bytes] | np.ndarray]:
+    """The outputs' elements for one result (top-k predictions) per image, row-major [n, k]:
+    `label` as UTF-8 bytes, `probability` as float32."""
+    return {
+        "label": [p.label.encode() for row in results for p in row],
+        "probability": np.asarray([[p.probability for p in row] for row in results], dtype=np.float32),
+    }
+
+
+def check_output(name: str) -> str:
+    """A requested output's name, or InvalidRequestError naming the outputs there are."""
+    if name not in OUTPUTS:
+        raise InvalidRequestError(f"unknown output {name!r}; this model has {', '.join(OUTPUTS)}")
+    return name
 
 
 def error_body(error: RequestError | str) -> dict[str, str]:
@@ -189,7 +213,7 @@ def _input_elements(tensor: InputTensor, binary: bytes, count: int) -> list[byte
     if size is not None:
         if size != len(binary):
             raise InvalidRequestError("binary_data_size does not match the binary data after the JSON header")
-        elements = _deserialize_bytes(binary, count + 1)
+        elements = deserialize_bytes(binary, count + 1)
         if len(elements) != count:
             raise InvalidRequestError(f"input shape {tensor.shape} does not match its binary data's elements")
         return elements
@@ -201,7 +225,7 @@ def _input_elements(tensor: InputTensor, binary: bytes, count: int) -> list[byte
     return [decode_base64(item, f'element {index} of input "{INPUT_NAME}"') for index, item in enumerate(flat)]
 
 
-def _deserialize_bytes(blob: bytes, at_most: int) -> list[bytes]:
+def deserialize_bytes(blob: bytes, at_most: int) -> list[bytes]:
     """Triton's BYTES encoding: each element is a 4-byte little-endian length, then the bytes.
     Reads `at_most` elements."""
     items, offset = [], 0
@@ -217,7 +241,9 @@ def _deserialize_bytes(blob: bytes, at_most: int) -> list[bytes]:
     return items
 
 
-def _serialize(tensor: list[bytes] | np.ndarray) -> bytes:
+def serialize(tensor: list[bytes] | np.ndarray) -> bytes:
+    """A tensor in the binary form both transports carry: FP32 little-endian, BYTES as
+    `deserialize_bytes` reads them."""
     if isinstance(tensor, np.ndarray):
         return tensor.astype("<f4").tobytes()
     return b"".join(struct.pack("<I", len(item)) + item for item in tensor)
@@ -228,10 +254,8 @@ def _requested_outputs(outputs: list[RequestedOutput] | None, binary_default: bo
         return dict.fromkeys(OUTPUTS, binary_default)
     requested = {}
     for output in outputs:
-        if output.name not in OUTPUTS:
-            raise InvalidRequestError(f"unknown output {output.name!r}; this model has {', '.join(OUTPUTS)}")
         binary = output.parameters.binary_data
-        requested[output.name] = binary_default if binary is None else binary
+        requested[check_output(output.name)] = binary_default if binary is None else binary
     return requested
 
 

@@ -4,9 +4,10 @@ A request's path, top to bottom:
 
     POST /predict                         POST /v2/models/{name}/infer
     payload.parse_predict_request         oip.parse_infer_request (+ top_k checked)
-                 └──── service.classify(images, request) ────┘
-                       an engine's data plane: the workers (frontend.py), Ray's batcher
-                       (ray_engine.py); one result per image: list[Prediction] | RequestError
+                 └──── service.classify(images, HttpCall(request)) ────┘
+                       an engine's data plane: the workers (engines/litserve/frontend.py),
+                       Ray's batcher (engines/ray.py); one result per image:
+                       list[Prediction] | RequestError
     predictions_body (JSON)               oip.infer_response (JSON or binary)
 
 Answers are encoded once, here. Every RequestError, raised anywhere below a handler, and every
@@ -14,7 +15,8 @@ HTTP error of the framework's (404 no such route, 405 wrong method) becomes its 
 registered exception handler (KServe's pattern): `{"detail": …}` on timmserve's own routes,
 `{"error": …}` under `/v2` as the Open Inference Protocol specifies (tritonclient reads only that
 key), with the error's status and headers. The engines differ only in the data plane and their
-health checks.
+health checks. The same data plane serves gRPC (grpc.py): a `Call` is one request, whatever
+its transport.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
+from typing import Protocol
 
 from fastapi import FastAPI
 from fastapi.exception_handlers import http_exception_handler
@@ -51,9 +54,36 @@ PREDICT_PATH = "/predict"
 METRICS_PATH = "/metrics"
 RANDOM_WEIGHTS_HEADER = "X-Timmserve-Random-Weights"
 
-# An engine's data plane: classify these images for this request; one result per image, in order.
+
+class Call(Protocol):
+    """One inbound request as an engine's data plane sees it, whatever its transport."""
+
+    request_id: str
+
+    async def disconnected(self) -> None:
+        """Returns when the client has gone before its answer."""
+
+
+@dataclass
+class HttpCall:
+    """An HTTP request as a Call: its id (middleware.RequestContext's) and its disconnect."""
+
+    request: Request
+
+    @property
+    def request_id(self) -> str:
+        return request_id_of(self.request.scope)
+
+    async def disconnected(self) -> None:
+        # Once the body is read, the server's next message for this request is `http.disconnect`
+        # (as Starlette's StreamingResponse listens for it).
+        while (await self.request.receive())["type"] != "http.disconnect":
+            pass
+
+
+# An engine's data plane: classify these images for this call; one result per image, in order.
 # Raises a RequestError for the request as a whole (503 overloaded, 504 timed out, …).
-Classify = Callable[[Sequence[ImageRequest], Request], Awaitable[list[Result]]]
+Classify = Callable[[Sequence[ImageRequest], Call], Awaitable[list[Result]]]
 
 
 @dataclass(frozen=True)
@@ -76,7 +106,7 @@ def add_inference_routes(app: FastAPI, service: InferenceService) -> None:
     @app.post(PREDICT_PATH)
     async def predict(request: Request) -> JSONResponse:
         image = await parse_predict_request(request, service.limits)
-        [result] = await service.classify([image], request)
+        [result] = await service.classify([image], HttpCall(request))
         if isinstance(result, RequestError):
             raise result
         return JSONResponse(predictions_body(result))
@@ -119,7 +149,8 @@ def add_inference_routes(app: FastAPI, service: InferenceService) -> None:
             body, request.headers.get(oip.HEADER_LENGTH), max_images=service.limits.max_images
         )
         top_k = check_top_k(infer_request.top_k, service.limits)
-        results = await service.classify([ImageRequest(data, top_k) for data in infer_request.images], request)
+        images = [ImageRequest(data, top_k) for data in infer_request.images]
+        results = await service.classify(images, HttpCall(request))
         for index, result in enumerate(results):
             if isinstance(result, RequestError):
                 raise result.with_detail(f"image {index}: {result.detail}")
@@ -135,10 +166,13 @@ def add_inference_routes(app: FastAPI, service: InferenceService) -> None:
 
 def _check_model(request: Request, service: InferenceService) -> None:
     """404 unless the model a `/v2/models/…` path names, and its version where it names one, are served here."""
-    model_name = request.path_params["model_name"]
+    check_model(service, request.path_params["model_name"], request.path_params.get("model_version", oip.MODEL_VERSION))
+
+
+def check_model(service: InferenceService, model_name: str, version: str) -> None:
+    """UnknownModelError (404) unless this model and version are served here."""
     if model_name != service.model_name:
         raise UnknownModelError(f"unknown model {model_name!r}; this server has {service.model_name!r}")
-    version = request.path_params.get("model_version", oip.MODEL_VERSION)
     if version != oip.MODEL_VERSION:
         raise UnknownModelError(
             f"unknown version {version!r} of model {model_name!r}; this server has version {oip.MODEL_VERSION!r}"

@@ -155,6 +155,14 @@ class ServeConfig(Settings):
     # --- HTTP ---
     host: Host = setting("127.0.0.1", "Address to listen on (LitServe binds only these).")
     port: int = setting(8000, "Port to listen on.", ge=1024, le=65535)
+    grpc_port: int | None = setting(
+        None,
+        "Also serve the Open Inference Protocol over gRPC (inference.GRPCInferenceService, tritonclient.grpc) "
+        "on this port; needs pip install 'timmserve[grpc]' and --engine litserve.",
+        default_text="off",
+        ge=1024,
+        le=65535,
+    )
     top_k: int = setting(5, "Classes per answer unless a request asks otherwise.", ge=1)
     max_body_bytes: int = setting(20 * 1024 * 1024, "Largest request body, in bytes; larger: 413.", ge=1024)
     max_image_pixels: int = setting(
@@ -209,6 +217,7 @@ class ServeConfig(Settings):
             self.engine == "ray" or (self.ray_address is None and self.ray_max_replicas is None),
             "--ray-address and --ray-max-replicas need --engine ray",
         )
+        check(self.grpc_port != self.port, "--grpc-port must differ from --port")
         check(
             self.checkpoint is None or self.model is not None,
             "--checkpoint needs the architecture it belongs to: --model ARCH --checkpoint FILE",

@@ -47,6 +47,10 @@ def keyed_server(start_module_server):
     [
         (["--api-servers", "2"], "Ray Serve runs one HTTP proxy per node"),
         (["--inline"], "a replica is its own process behind Ray's proxy, so every request makes that hop"),
+        (
+            ["--grpc-port", "8001"],
+            "Ray Serve's gRPC proxy serves its own service definitions, not the inference protocol's",
+        ),
     ],
 )
 def test_a_setting_ray_cannot_honour_is_refused_in_one_line_before_ray_starts(option, reason):

@@ -18,6 +18,8 @@ from timmserve.settings.machine import resolve_machine
         ({"host": "10.0.0.1"}, "host must be one of"),
         ({"checkpoint": Path("w.safetensors")}, "--model ARCH --checkpoint FILE"),
         ({"model": "resnet18", "checkpoint": Path("w.pth"), "random_weights": True}, "contradict"),
+        ({"grpc_port": 8000}, "--grpc-port must differ from --port"),
+        ({"grpc_port": 80}, "grpc_port must be an integer ≥ 1024 and ≤ 65535"),
         ({"batch_timeout": -1}, "batch_timeout must be a number ≥ 0 and ≤ 10"),
         ({"grace_period": -1}, "grace_period must be a number ≥ 0 and ≤ 3600"),
         ({"log_format": "xml"}, "log_format must be one of text, json"),

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from litserve.specs.base import LitSpec
-from starlette.requests import Request
 
 from timmserve.engines.litserve import internals
 from timmserve.engines.litserve.admission import Admission
@@ -39,7 +38,7 @@ from timmserve.errors import (
     PayloadTooLargeError,
     WorkerLostError,
 )
-from timmserve.http.middleware import request_id_of
+from timmserve.http.routes import Call
 from timmserve.model.classifier import Result
 from timmserve.model.types import ImageRequest
 
@@ -72,7 +71,7 @@ class QueueFrontend(LitSpec):
         self._statuses: dict[str, str] = {}
         self._statuses_read = float("-inf")
 
-    async def classify(self, images: Sequence[ImageRequest], request: Request) -> list[Result]:
+    async def classify(self, images: Sequence[ImageRequest], call: Call) -> list[Result]:
         """One result per image, in order. Raises OverloadedError (503) at once when they would not
         fit, AnswerTimeoutError (504) at the deadline, ClientGoneError when the client left,
         WorkerLostError (503) when the workers holding an image died twice, InternalError (500)
@@ -82,14 +81,14 @@ class QueueFrontend(LitSpec):
             raise PayloadTooLargeError.too_many_images(len(images), self.admission.limit)
         tickets = self.admission.admit(len(images))
         deadline = time.monotonic() + self.timeout
-        request_id = request_id_of(request.scope)
+        request_id = call.request_id
         now = time.monotonic()
         admitted = [AdmittedImage(image, ticket, request_id, now) for image, ticket in zip(images, tickets)]
         if self._inline_now(admitted):
             tasks = [asyncio.ensure_future(self._classify_inline(admitted[0], deadline))]
         else:
             tasks = [asyncio.ensure_future(self._submit(item, deadline)) for item in admitted]
-        client_gone = asyncio.ensure_future(_disconnected(request))
+        client_gone = asyncio.ensure_future(call.disconnected())
         try:
             pending = set(tasks)
             while pending:
@@ -172,10 +171,3 @@ class QueueFrontend(LitSpec):
 
     def encode_response(self, output: Any, context_kwargs: Any = None) -> Any:
         return output
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client disconnects: once the body is read, the server's next message for
-    this request is `http.disconnect` (as Starlette's StreamingResponse listens for it)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

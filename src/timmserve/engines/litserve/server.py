@@ -11,6 +11,7 @@ worker go to a live one (frontend.py).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -29,7 +31,7 @@ from timmserve.engines.litserve.frontend import QueueFrontend
 from timmserve.engines.litserve.inline import InlineLane
 from timmserve.engines.litserve.transport import Endpoints, stop_workers
 from timmserve.engines.litserve.worker import ClassifierAPI
-from timmserve.errors import ModelLoadError
+from timmserve.errors import ConfigError, ModelLoadError
 from timmserve.http import metrics, routes
 from timmserve.http.payload import PayloadLimits
 from timmserve.http.protocol import limited_protocol
@@ -59,17 +61,23 @@ class TimmServer(ls.LitServer):
     grace_period: float = 30.0
     transport_endpoints: Endpoints  # the transport's sockets (set by build_server)
     inline_lane: InlineLane | None = None  # each API server's own, when the config has one
+    grpc_endpoint: GrpcEndpoint | None = None  # with --grpc-port
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
         """LitServe's start and end of each API server, in its process: the inline lane loads its
-        model before the API server accepts connections, and waits for its last image at the end."""
+        model and the gRPC endpoint starts before the API server accepts connections; at the end
+        (once uvicorn's HTTP drain is over) the gRPC endpoint drains, and the inline lane waits for
+        its last image."""
         if self.inline_lane is not None:
             await self.inline_lane.start()
+        grpc_server = await self.grpc_endpoint.start() if self.grpc_endpoint is not None else None
         try:
             async with super().lifespan(app):
                 yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(self.grace_period)
             if self.inline_lane is not None:
                 self.inline_lane.close()
 
@@ -141,6 +149,38 @@ class TimmServer(ls.LitServer):
         logger.info("stopped", extra={"drain_s": round(drained, 2), "total_s": round(time.monotonic() - started, 2)})
 
 
+@dataclass(frozen=True)
+class GrpcEndpoint:
+    """What each API server needs to serve gRPC (http/grpc.py, imported there: gRPC's core must
+    start after the fork). The port is checked free in the main process, so a port in use is one
+    clear error at start-up rather than API servers that fail to start."""
+
+    service: routes.InferenceService
+    api_key: str | None
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        try:
+            importlib.import_module("grpc")
+            importlib.import_module("tritonclient.grpc.service_pb2")
+        except ImportError:
+            raise ConfigError("--grpc-port needs gRPC: pip install 'timmserve[grpc]'") from None
+        with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as probe:
+            try:
+                probe.bind((self.host, self.port))
+            except OSError as exc:
+                raise ConfigError(f"--grpc-port {self.port}: cannot listen on {self.host} ({exc.strerror})") from None
+
+    async def start(self) -> Any:
+        """The gRPC server of this API server process, serving."""
+        from timmserve.http.grpc import GrpcServer
+
+        server = GrpcServer(self.service, api_key=self.api_key, host=self.host, port=self.port)
+        await server.start()
+        return server
+
+
 def _close_server_sockets() -> None:
     """Close every inherited TCP socket that is bound but not connected: a server's socket, listening
     or about to (uvicorn calls listen() only in the API servers). Linux: found through /proc."""
@@ -206,6 +246,8 @@ def build_server(config: ServeConfig, endpoints: Endpoints) -> TimmServer:
         metrics=lambda: metrics.render(admission),
     )
     routes.install(server.app, service, api_key=api_key, random_weights=prepared.info.random_weights)
+    if config.grpc_port is not None:
+        server.grpc_endpoint = GrpcEndpoint(service, api_key, config.host, config.grpc_port)
     return server
 
 
