@@ -3,9 +3,12 @@ key from the call's metadata, and each kind of bad message answered with its sta
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -15,8 +18,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import CAT_LABELS, free_port
-from tests.integration.engines.test_production import scrape
+from tests.conftest import CAT_LABELS, ONE_SLOW_WORKER, free_port
+from tests.integration.engines.test_production import scrape, wait_for
 
 MODEL = "tf_efficientnet_lite0"
 API_KEY_ENV = "TIMMSERVE_GRPC_TEST_KEY"
@@ -170,3 +173,24 @@ def test_a_grpc_port_in_use_is_one_clear_error_at_start_up():
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]  # after the model's warnings
     assert last_line == f"Error: --grpc-port {port}: cannot listen on 127.0.0.1 (Address already in use)"
+
+
+def test_sigterm_finishes_the_rpcs_in_flight(start_server, photos):
+    """The drain covers gRPC too: RPCs admitted before SIGTERM are answered, and the server exits 0."""
+    grpc_port = free_port()
+    server = start_server("--grpc-port", str(grpc_port), "--max-batch-size", "1", *ONE_SLOW_WORKER)
+    sent = 32
+    answered = 'timmserve_requests_total{endpoint="/inference.GRPCInferenceService/ModelInfer",status="OK"}'
+
+    def all_admitted() -> bool:  # each RPC in flight or answered: none still connecting
+        counted = scrape(server.url)
+        return counted["timmserve_in_flight_images"] + counted.get(answered, 0) >= sent
+
+    with triton.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client, ThreadPoolExecutor(sent) as pool:
+        futures = [pool.submit(client.infer, MODEL, [image_input(photos["cat"])]) for _ in range(sent)]
+        assert wait_for(all_admitted, timeout=30)
+        in_flight_at_signal = scrape(server.url)["timmserve_in_flight_images"]
+        os.kill(server.pid, signal.SIGTERM)
+        labels = [future.result(timeout=60).as_numpy("label")[0, 0].decode() for future in futures]
+    assert in_flight_at_signal > 0 and all(label in CAT_LABELS for label in labels)
+    assert server.process.wait(timeout=60) == 0

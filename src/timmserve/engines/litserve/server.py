@@ -11,7 +11,7 @@ worker go to a live one (frontend.py).
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import logging
 import os
 import socket
@@ -161,11 +161,8 @@ class GrpcEndpoint:
     port: int
 
     def __post_init__(self) -> None:
-        try:
-            importlib.import_module("grpc")
-            importlib.import_module("tritonclient.grpc.service_pb2")
-        except ImportError:
-            raise ConfigError("--grpc-port needs gRPC: pip install 'timmserve[grpc]'") from None
+        if any(importlib.util.find_spec(package) is None for package in ("grpc", "tritonclient")):  # not imported
+            raise ConfigError("--grpc-port needs gRPC: pip install 'timmserve[grpc]'")
         with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as probe:
             try:
                 probe.bind((self.host, self.port))
