@@ -123,9 +123,7 @@ def _rpc(*, open_to_all: bool = False) -> Callable[[Handler], Handler]:
                 await context.abort(code, InternalError("a bug in the server; see its log").detail)
             finally:
                 elapsed = time.perf_counter() - started
-                http = metrics.http_metrics()
-                http.requests.labels(endpoint, code.name).inc()
-                http.duration.labels(endpoint).observe(elapsed)
+                metrics.count_request(endpoint, code.name, elapsed)
                 access_log.info(
                     "gRPC %s %s",
                     method.__name__,

@@ -127,6 +127,14 @@ def http_metrics() -> HttpMetrics:
     )  # fmt: skip
 
 
+def count_request(endpoint: str, status: str, seconds: float) -> None:
+    """One answered request in the HTTP metrics, whatever its transport (a gRPC status is its code's
+    name); `seconds` from received to answered."""
+    http = http_metrics()
+    http.requests.labels(endpoint, status).inc()
+    http.duration.labels(endpoint).observe(seconds)
+
+
 @functools.cache
 def worker_metrics() -> WorkerMetrics:
     from prometheus_client import Counter, Gauge, Histogram

@@ -94,9 +94,7 @@ class RequestContext:
         finally:
             elapsed = time.perf_counter() - started
             endpoint = endpoint_label(scope["path"], self.known_paths)
-            http = metrics.http_metrics()
-            http.requests.labels(endpoint, str(status)).inc()
-            http.duration.labels(endpoint).observe(elapsed)
+            metrics.count_request(endpoint, str(status), elapsed)
             access_log.info(
                 "%s %s %d",
                 scope["method"],
