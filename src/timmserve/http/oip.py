@@ -128,6 +128,8 @@ def check_input(name: str, datatype: str, shape: list[int], *, max_images: int) 
         raise InvalidRequestError(f'this model\'s input is "{INPUT_NAME}", not {name!r:.60}')
     if datatype != "BYTES":
         raise InvalidRequestError(f'input "{name}" must have datatype BYTES (encoded image files)')
+    if any(dimension < 0 for dimension in shape):  # gRPC's shape is any int64: [-2, -3] holds "6"
+        raise InvalidRequestError(f"input shape {list(shape)} has a negative dimension")
     count = math.prod(shape)
     if count > max_images:
         raise PayloadTooLargeError.too_many_images(count, max_images)

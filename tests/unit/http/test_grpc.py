@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import grpc
+import pytest
 from google.protobuf import __version__ as protobuf_version
 from tritonclient.grpc import service_pb2
 
 from timmserve import errors
+from timmserve.http import oip
 from timmserve.http.grpc import status_code
 
 
@@ -42,3 +44,10 @@ def test_the_stubs_are_older_gencode_under_a_newer_protobuf_runtime():
     generated = open(service_pb2.__file__).read().split("# Protobuf Python Version: ", 1)[1].split()[0]
     as_tuple = lambda version: tuple(int(part) for part in version.split(".")[:3])  # noqa: E731
     assert as_tuple(generated) <= as_tuple(protobuf_version)
+
+
+def test_a_negative_dimension_is_refused_whatever_the_transport():
+    """REST's schema refuses a negative dimension; gRPC's shape is any int64, so the shared check
+    must: [-2, -3] multiplies to 6 images."""
+    with pytest.raises(errors.InvalidRequestError, match="negative"):
+        oip.check_input("image", "BYTES", [-2, -3], max_images=8)
